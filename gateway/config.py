@@ -1,0 +1,511 @@
+"""gateway.yaml → frozen, typed config objects (the contract is ../CONFIG.md).
+
+Loading goes: YAML (duplicate keys refused) → ``${VAR}`` interpolation in string values →
+validation against :class:`GatewayConfig` → cross-reference checks. Every problem found is
+reported at once as a :class:`~gateway.errors.ConfigError` naming the file and the key path.
+
+The per-route policy blocks are not written here: each policy in :data:`gateway.policies.POLICIES`
+brings its own settings model, and :func:`config_model` builds the route and defaults models from
+that registry, so adding a policy never touches this file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence
+from urllib.parse import unquote
+
+import yaml
+import yarl
+from pydantic import BaseModel, Field, ValidationError, WrapValidator, create_model, field_validator, model_validator
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import PydanticCustomError, core_schema
+
+from gateway.errors import ConfigError, ConfigIssue
+from gateway.settings import ENV_REFERENCE_SCHEMA, Duration, Network, Settings, Size
+
+DEFAULT_PATH = "gateway.yaml"
+SCHEMA_PATH = Path(__file__).with_name("gateway.schema.json")
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+# ---------------------------------------------------------------------------------------------
+# Blocks that are not policies
+# ---------------------------------------------------------------------------------------------
+
+
+class ListenLimits(Settings):
+    max_header_size: Size = Field(16384, gt=0, description="request line + headers; 431 beyond")
+    max_headers: int = Field(100, gt=0, description="number of header fields; 431 beyond")
+    max_request_line: Size = Field(8192, gt=0, description="method + target + version; 414 beyond")
+    header_timeout: Duration = Field(10.0, gt=0, description="time to receive a whole request head; 408 after")
+    body_timeout: Duration = Field(60.0, gt=0, description="longest wait between two reads of a request body; 408 after")
+    keepalive_timeout: Duration = Field(75.0, ge=0, description="idle client connections are closed after this")
+    drain_timeout: Duration = Field(30.0, ge=0, description="on SIGTERM, in-flight requests get this long to finish")
+
+
+class Listen(Settings):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    trusted_proxies: tuple[Network, ...] = Field((), description="peers whose X-Forwarded-* headers are believed")
+    limits: ListenLimits = ListenLimits()
+    escaped_slashes: Literal["reject", "keep"] = Field(
+        "reject", description="%2F or %5C in a path: refuse with 400 (default), or keep as part of a segment"
+    )
+
+
+class Admin(Settings):
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
+    token: str = Field("", description="when set, mutating admin calls need 'Authorization: Bearer <token>'")
+
+
+class Timeouts(Settings):
+    connect: Duration = Field(2.0, gt=0)
+    read: Duration = Field(30.0, gt=0, description="longest wait for the next bytes of the upstream's response")
+
+
+class PassiveHealth(Settings):
+    failures: int = Field(5, gt=0, description="consecutive failures (connect errors, timeouts, 502/503/504)")
+    eject_for: Duration = Field(30.0, gt=0)
+
+
+class ActiveHealth(Settings):
+    path: str = Field(pattern=r"^/", description="polled with GET on every target")
+    interval: Duration = Field(10.0, gt=0)
+    timeout: Duration = Field(2.0, gt=0)
+    failures: int = Field(2, gt=0, description="consecutive failed checks before a target is marked down")
+    successes: int = Field(1, gt=0, description="consecutive passed checks before it is marked up again")
+
+
+def _off_or(value: Any, handler: core_schema.ValidatorFunctionWrapHandler) -> Any:
+    """`false` switches a block off (None); anything else validates as the block."""
+    return None if value is False else handler(value)
+
+
+def switchable(model: type[Settings]) -> Any:
+    """A block that `false` switches off: it validates to None then."""
+    return Annotated[model | None, WrapValidator(_off_or, json_schema_input_type=model | Literal[False])]
+
+
+class Health(Settings):
+    passive: switchable(PassiveHealth) = PassiveHealth()  # type: ignore[valid-type]
+    active: ActiveHealth | None = None
+
+
+def _target_url(value: Any) -> str:
+    url = yarl.URL(value) if isinstance(value, str) else None
+    if url is None or url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/") or url.query_string:
+        raise PydanticCustomError("target", "expected a target such as 'http://10.0.0.5:8080' (scheme, host, port; no path), got {got}", {"got": repr(value)})
+    return str(url.origin())
+
+
+TargetURL = Annotated[str, WrapValidator(lambda v, _h: _target_url(v)), Field(json_schema_extra={"format": "uri"})]
+
+
+class Upstream(Settings):
+    targets: tuple[TargetURL, ...] = Field(min_length=1)
+    balance: Literal["round_robin", "least_conn", "random"] = "round_robin"
+    timeouts: Timeouts = Timeouts()
+    retries: int = Field(1, ge=0, description="extra attempts on another target; idempotent methods, connect errors/502/503")
+    max_connections: int = Field(100, gt=0)
+    keepalive_timeout: Duration = Field(15.0, ge=0, description="idle connections to the upstream are kept this long")
+    preserve_host: bool = Field(False, description="send the client's Host instead of the target's")
+    health: Health = Health()
+
+
+class Match(Settings):
+    path: str | None = Field(None, description="segment prefix on the normalised path: /api matches /api and /api/x")
+    path_regex: re.Pattern[str] | None = Field(None, description="searched in the normalised, percent-decoded path")
+    methods: tuple[Literal[METHODS], ...] | None = None  # type: ignore[valid-type]
+    host: str | None = Field(None, description="exact host or '*.example.com'")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return [m.upper() if isinstance(m, str) else m for m in value] if isinstance(value, list) else value
+
+    @field_validator("path")
+    @classmethod
+    def _normal_path(cls, value: str | None) -> str | None:
+        from gateway.routing import BadPath, normalise_path
+
+        if value is None:
+            return None
+        try:
+            normal = normalise_path(value)
+        except BadPath as exc:
+            raise PydanticCustomError("path", "expected a path such as '/api/products': {reason}", {"reason": str(exc)})
+        if unquote(normal) not in (unquote(value), unquote(value).rstrip("/")):
+            raise PydanticCustomError("path", "expected a normalised path such as {normal!r}, got {got!r}", {"normal": normal, "got": value})
+        # Routes match on the percent-decoded path (CONFIG.md, "Matching").
+        return unquote(normal).rstrip("/") or "/"
+
+    @field_validator("host")
+    @classmethod
+    def _lower_host(cls, value: str | None) -> str | None:
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _one_path(self) -> "Match":
+        if self.path is not None and self.path_regex is not None:
+            raise PydanticCustomError("match", "give either path or path_regex, not both")
+        return self
+
+
+class Logging(Settings):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+
+
+def _workers(value: Any, handler: core_schema.ValidatorFunctionWrapHandler) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise PydanticCustomError("workers", "expected a number of processes (1 or more) or 'auto', got {got}", {"got": repr(value)})
+
+
+Workers = Annotated[int | Literal["auto"], WrapValidator(_workers)]
+
+# ---------------------------------------------------------------------------------------------
+# Routes and defaults, built from the policy registry
+# ---------------------------------------------------------------------------------------------
+
+
+class RouteBase(Settings):
+    name: str = Field(pattern=NAME_PATTERN)
+    match: Match
+    upstream: str
+
+
+class DefaultsBase(Settings):
+    pass
+
+
+class GatewayConfigBase(Settings):
+    listen: Listen = Listen()
+    workers: Workers = 1
+    admin: switchable(Admin) = Admin()  # type: ignore[valid-type]
+    upstreams: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Upstream] = Field(min_length=1)
+    logging: Logging = Logging()
+
+    def route_blocks(self) -> dict[str, Any]:  # overridden by config_model
+        return {}
+
+
+def _policy_field(settings_type: Any) -> Any:
+    # A policy block: the policy's settings, or `false` to switch it off. Unset (None) inherits
+    # the default block. The validator takes `false` before the settings type sees it, so errors
+    # inside a block are reported at their own key path, not once per union branch.
+    off_or_block = WrapValidator(_block_or_off, json_schema_input_type=settings_type | Literal[False] | None)
+    return (Annotated[settings_type | None, off_or_block], None)
+
+
+def _block_or_off(value: Any, handler: core_schema.ValidatorFunctionWrapHandler) -> Any:
+    return False if value is False else handler(value)
+
+
+@cache
+def config_model(policies: tuple[type, ...] | None = None) -> type[GatewayConfigBase]:
+    """The GatewayConfig model for a policy registry (the project's own by default)."""
+    if policies is None:
+        from gateway.policies import POLICIES
+
+        policies = POLICIES
+    blocks = {policy.name: _policy_field(policy.settings_type) for policy in policies}
+    route = create_model("Route", __base__=RouteBase, **blocks)  # type: ignore[call-overload]
+    defaults = create_model("Defaults", __base__=DefaultsBase, **blocks)  # type: ignore[call-overload]
+    model = create_model(  # type: ignore[call-overload]
+        "GatewayConfig",
+        __base__=GatewayConfigBase,
+        defaults=(defaults, defaults()),
+        routes=(tuple[route, ...], Field(min_length=1)),
+    )
+    model.policy_names = tuple(policy.name for policy in policies)
+    return model
+
+
+GatewayConfig = GatewayConfigBase  # for type hints: every config_model() result derives from it
+
+
+def effective_blocks(config: Any, route: Any) -> dict[str, Any]:
+    """The policy blocks a route runs with: its own block, else the default one; `false` is off."""
+    chosen = {}
+    for name in config.policy_names:
+        block = getattr(route, name)
+        if block is None:
+            block = getattr(config.defaults, name)
+        if block is not None and block is not False:
+            chosen[name] = block
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, environ: typing.Mapping[str, str], path: str, issues: list[ConfigIssue]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in string values; ``$$`` is a literal ``$``."""
+    if isinstance(value, str):
+        if "$" not in value:
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            current = environ.get(name)
+            if current is None or (current == "" and default is not None):
+                if default is None:
+                    issues.append(ConfigIssue(path, f"environment variable {name} is not set (write ${{{name}:-default}} to give a default)"))
+                    return ""
+                return default
+            return current
+
+        return _ENV.sub(substitute, value)
+    if isinstance(value, dict):
+        return {key: interpolate(item, environ, _join(path, key), issues) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, environ, f"{path}[{index}]", issues) for index, item in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    environ: typing.Mapping[str, str] | None = None,
+    policies: tuple[type, ...] | None = None,
+) -> GatewayConfigBase:
+    """Read, interpolate and validate a config file. Raises ConfigError listing every issue."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, [ConfigIssue("", f"cannot read the file: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, [ConfigIssue("", "the file is not UTF-8 text")]) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(file, [ConfigIssue("", f"{where}invalid YAML: {problem}")]) from None
+    return parse_config(raw, file, Path(path).resolve().parent, environ, policies)
+
+
+def parse_config(
+    raw: Any,
+    file: str = "<config>",
+    base_dir: Path | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    policies: tuple[type, ...] | None = None,
+) -> GatewayConfigBase:
+    """Validate an already parsed document (what load_config does after reading YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(file, [ConfigIssue("", "expected a mapping of blocks (listen, upstreams, routes, ...) at the top")])
+    issues: list[ConfigIssue] = []
+    document = interpolate(raw, os.environ if environ is None else environ, "", issues)
+    if issues:
+        raise ConfigError(file, issues)
+    model = config_model(policies)
+    try:
+        config = model.model_validate(document, context={"base_dir": base_dir or Path.cwd()})
+    except ValidationError as exc:
+        raise ConfigError(file, _issues_from(exc, model)) from None
+    issues = _cross_references(config)
+    if issues:
+        raise ConfigError(file, issues)
+    return config
+
+
+def _cross_references(config: Any) -> list[ConfigIssue]:
+    issues = []
+    names: dict[str, int] = {}
+    for index, route in enumerate(config.routes):
+        if route.name in names:
+            issues.append(ConfigIssue(f"routes[{index}].name", f"route name {route.name!r} is already used by routes[{names[route.name]}]"))
+        names.setdefault(route.name, index)
+        if route.upstream not in config.upstreams:
+            issues.append(ConfigIssue(f"routes[{index}].upstream", f"unknown upstream {route.upstream!r}{_did_you_mean(route.upstream, config.upstreams)}"))
+        if route.match.path is None and route.match.path_regex is None:
+            issues.append(ConfigIssue(f"routes[{index}].match", "give path (a prefix such as /api) or path_regex"))
+    return issues
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# Messages for pydantic's own error types, in the words of CONFIG.md.
+_EXPECTED = {
+    "missing": "required key is missing",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string (quote it in YAML)",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "regex_parsing": "expected a regular expression",
+    "too_short": "expected at least {min_length} item(s)",
+}
+
+
+def _issues_from(error: ValidationError, model: type[BaseModel]) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    seen: set[str] = set()
+    for item in error.errors(include_url=False):
+        loc = _clean_loc(item["loc"])
+        path = _format_loc(loc)
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            known = list(owner.model_fields) if owner else []
+            message = f"unknown key {loc[-1]!r}{_did_you_mean(str(loc[-1]), known)}"
+            if known:
+                message += f" (known keys: {', '.join(known)})"
+        elif kind == "literal_error":
+            message = f"expected one of {item['ctx']['expected']}, got {item.get('input')!r}"
+        elif kind in _EXPECTED:
+            message = _EXPECTED[kind].format(**item.get("ctx", {}))
+            if kind != "missing" and not isinstance(item.get("input"), (dict, list)):
+                message += f", got {item.get('input')!r}"
+        else:
+            message = item["msg"]
+            if kind.startswith(("greater", "less", "string_pattern")):
+                message = f"{message[0].lower()}{message[1:]}, got {item.get('input')!r}"
+        text = f"{path}: {message}"
+        if text not in seen:
+            seen.add(text)
+            issues.append(ConfigIssue(path, message))
+    return issues
+
+
+def _clean_loc(loc: Sequence[Any]) -> tuple[Any, ...]:
+    # Union branches and validator wrappers add entries such as 'function-wrap[...]' or
+    # 'literal[False]' to the location; they are not keys the user wrote.
+    return tuple(part for part in loc if not (isinstance(part, str) and ("[" in part or part in _BRANCH_TAGS)))
+
+
+_BRANCH_TAGS = {"int", "str", "float", "bool", "list", "dict", "tuple", "none", "is-instance"}
+
+
+def _format_loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The model class that sits at a location, walking field annotations."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap_model(current)
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            if field is None:
+                return None
+            current = field.annotation
+        else:  # a dict's value type
+            args = typing.get_args(current)
+            current = args[-1] if args else None
+    current = _unwrap_model(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    """From Annotated/Optional/tuple/list wrappers, the model or dict inside."""
+    for _ in range(6):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        origin = typing.get_origin(annotation)
+        args = typing.get_args(annotation)
+        if origin is dict:
+            return annotation
+        if not args:
+            return annotation
+        if origin is typing.Annotated:
+            annotation = args[0]
+            continue
+        candidates = [a for a in args if a is not type(None) and a is not Ellipsis and typing.get_origin(a) is not Literal]
+        annotation = candidates[0] if candidates else None
+    return annotation
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Schema
+# ---------------------------------------------------------------------------------------------
+
+
+class _SchemaGenerator(GenerateJsonSchema):
+    """Typed scalars also accept a `${VAR}` reference, which is replaced before validation."""
+
+    def _with_env(self, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"anyOf": [schema, ENV_REFERENCE_SCHEMA]}
+
+    def int_schema(self, schema: core_schema.IntSchema) -> dict[str, Any]:
+        return self._with_env(super().int_schema(schema))
+
+    def float_schema(self, schema: core_schema.FloatSchema) -> dict[str, Any]:
+        return self._with_env(super().float_schema(schema))
+
+    def bool_schema(self, schema: core_schema.BoolSchema) -> dict[str, Any]:
+        return self._with_env(super().bool_schema(schema))
+
+
+def json_schema(policies: tuple[type, ...] | None = None) -> dict[str, Any]:
+    """The JSON Schema of gateway.yaml (shipped as gateway/gateway.schema.json)."""
+    schema = config_model(policies).model_json_schema(schema_generator=_SchemaGenerator)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "gateway.yaml"
+    return schema
+
+
+def json_schema_text(policies: tuple[type, ...] | None = None) -> str:
+    return json.dumps(json_schema(policies), indent=2, sort_keys=True) + "\n"

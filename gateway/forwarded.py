@@ -1,0 +1,111 @@
+"""The client's address behind trusted proxies, and the headers sent to the upstream.
+
+Only peers in ``listen.trusted_proxies`` are believed about the client: their X-Forwarded-For,
+-Proto and -Host are extended, while the same headers from anyone else are replaced, so an
+untrusted client cannot make the upstream believe another address or scheme. ``Forwarded``
+(RFC 7239) from untrusted peers is dropped for the same reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Iterable
+
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+# RFC 9110 §7.6.1 connection-specific fields, the obsolete Proxy-Connection, and the
+# proxy credentials that are meant for the first proxy only (RFC 9110 §11.7).
+HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    )
+)
+VIA = "1.1 gateway"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def connection_listed(headers: "CIMultiDict[str] | web.BaseRequest") -> set[str]:
+    """Header names a message's Connection field lists (they are hop-by-hop too)."""
+    names: set[str] = set()
+    for value in headers.getall("Connection", ()):  # type: ignore[union-attr]
+        names.update(token.strip().lower() for token in value.split(","))
+    return names
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]], listed: set[str]) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | listed if listed else HOP_BY_HOP
+    return CIMultiDict((name, value) for name, value in headers if name.lower() not in drop)
+
+
+class Forwarding:
+    """Built once per config from listen.trusted_proxies."""
+
+    def __init__(self, trusted: Iterable[IPNetwork]) -> None:
+        self.trusted = tuple(trusted)
+
+    def is_trusted(self, address: str | None) -> bool:
+        if not self.trusted or not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def client_ip(self, peer: str | None, forwarded_for: str | None) -> str:
+        """The peer, or, when the peer is trusted, the right-most untrusted X-Forwarded-For entry."""
+        peer = peer or "unknown"
+        if not forwarded_for or not self.is_trusted(peer):
+            return peer
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self.is_trusted(hop):
+                return hop if _is_ip(hop) else peer
+        return hops[0] if hops and _is_ip(hops[0]) else peer
+
+    def upstream_headers(
+        self,
+        request: "web.BaseRequest",
+        peer: str | None,
+        request_id: str,
+    ) -> CIMultiDict[str]:
+        """The client's headers as the upstream gets them (the Host header is set by the proxy)."""
+        incoming = request.headers
+        headers = strip_hop_by_hop(incoming.items(), connection_listed(incoming) if "Connection" in incoming else set())
+        headers.popall("Host", None)
+        headers.popall("Expect", None)  # the gateway answers 100-continue itself
+        trusted = self.is_trusted(peer)
+        host = incoming.get("Host", "")
+        address = peer or "unknown"
+        prior = ", ".join(incoming.getall("X-Forwarded-For", ())) if trusted else None
+        headers["X-Forwarded-For"] = f"{prior}, {address}" if prior else address
+        if not (trusted and "X-Forwarded-Proto" in incoming):
+            headers["X-Forwarded-Proto"] = request.scheme
+        if not (trusted and "X-Forwarded-Host" in incoming) and host:
+            headers["X-Forwarded-Host"] = host
+        if not trusted:
+            headers.popall("Forwarded", None)
+        via = incoming.get("Via")
+        headers["Via"] = f"{via}, {VIA}" if via else VIA
+        headers["X-Request-ID"] = request_id
+        return headers
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True

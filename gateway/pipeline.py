@@ -1,0 +1,172 @@
+"""The policy chain: Exchange, Reply, Policy, Pipeline and the dependency failure modes.
+
+A route runs its policies' request hooks in registry order (gateway.policies.POLICIES); any hook
+may answer locally by returning a Reply, which ends the chain. Every response, the upstream's or
+a local one, then passes the response hooks in reverse order before it is sent. When a hook
+raises DependencyUnavailable, the pipeline (not the policy) applies the policy's failure mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
+
+from multidict import CIMultiDict
+
+from gateway.errors import DependencyUnavailable, problem_body, problem_headers
+
+if TYPE_CHECKING:
+    from aiohttp import ClientResponse, web
+
+    from gateway.routing import Route
+    from gateway.stores.base import Store
+
+log = logging.getLogger("gateway")
+
+FailureMode = Literal["open", "closed"]
+
+
+class Exchange:
+    """One request's journey through the gateway: what the policies read and leave behind."""
+
+    __slots__ = (
+        "request",
+        "request_id",
+        "client_ip",
+        "method",
+        "path",
+        "match_path",
+        "query",
+        "route",
+        "upstream_headers",
+        "subject",
+        "started",
+        "target",
+        "upstream_status",
+        "bytes_in",
+        "bytes_out",
+        "notes",
+    )
+
+    def __init__(self, request: "web.BaseRequest", request_id: str, client_ip: str, started: float) -> None:
+        self.request = request
+        self.request_id = request_id
+        self.client_ip = client_ip
+        self.method = request.method
+        self.path = ""  # the normal form of the path: matched on, forwarded
+        self.match_path = ""  # its percent-decoded form
+        self.query = ""  # the raw query string, forwarded as sent
+        self.route: Route | None = None
+        self.upstream_headers: CIMultiDict[str] = CIMultiDict()  # the request headers to forward
+        self.subject: str | None = None  # the authenticated user, set by an auth policy
+        self.started = started
+        self.target: str | None = None  # the upstream target that answered
+        self.upstream_status: int | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.notes: dict[str, Any] = {}  # extra access-log fields left by policies
+
+
+@dataclass(slots=True)
+class Reply:
+    """A response on its way to the client: made locally (body) or streamed from the upstream."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes = b""
+    upstream: "ClientResponse | None" = None
+
+
+def problem(
+    exchange: Exchange,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Reply:
+    """An RFC 9457 problem reply made by the gateway (CONFIG.md, "Errors")."""
+    return Reply(status, problem_headers(headers), problem_body(status, detail, exchange.request_id, extra))
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may use besides its settings: shared collaborators, handed in (no globals)."""
+
+    config: Any  # the whole GatewayConfig, for top-level blocks a policy owns
+    store: "Store"
+    clock: Callable[[], float] = time.monotonic
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Policy:
+    """One step of a route's chain, built once from its validated settings.
+
+    Subclasses set ``name`` (the config block) and ``settings_type`` (its model), and override
+    one or both hooks; a hook that is not overridden costs nothing per request.
+    """
+
+    name: ClassVar[str]
+    settings_type: ClassVar[Any]
+    failure_mode: FailureMode = "closed"  # when on_request raises DependencyUnavailable
+
+    def __init__(self, settings: Any, context: PolicyContext) -> None:
+        self.settings = settings
+        self.context = context
+
+    async def on_request(self, exchange: Exchange) -> Reply | None:
+        """Return None to go on, or a Reply to answer now (a denial, a cache hit).
+
+        Raise DependencyUnavailable only when the policy cannot decide.
+        """
+        return None
+
+    def on_response(self, exchange: Exchange, reply: Reply) -> None:
+        """Adjust a response (upstream or local) in place before it is sent."""
+
+    async def close(self) -> None:
+        """Release what the policy opened (tasks, sessions); called when its config retires."""
+
+
+def _overrides(policy: Policy, hook: str) -> bool:
+    return getattr(type(policy), hook) is not getattr(Policy, hook)
+
+
+class Pipeline:
+    """A route's policies in order: request hooks forward, response hooks in reverse."""
+
+    __slots__ = ("policies", "_request", "_response")
+
+    def __init__(self, policies: Sequence[Policy]) -> None:
+        self.policies = tuple(policies)
+        self._request = tuple(p for p in self.policies if _overrides(p, "on_request"))
+        self._response: tuple[Callable[[Exchange, Reply], None], ...] = tuple(
+            p.on_response for p in reversed(self.policies) if _overrides(p, "on_response")
+        )
+
+    async def on_request(self, exchange: Exchange) -> Reply | None:
+        for policy in self._request:
+            try:
+                reply = await policy.on_request(exchange)
+            except DependencyUnavailable as exc:
+                reply = self._failed(policy, exchange, exc)
+            if reply is not None:
+                return reply
+        return None
+
+    def on_response(self, exchange: Exchange, reply: Reply) -> None:
+        for hook in self._response:
+            hook(exchange, reply)
+
+    @staticmethod
+    def _failed(policy: Policy, exchange: Exchange, exc: DependencyUnavailable) -> Reply | None:
+        exchange.notes.setdefault("degraded", []).append(policy.name)
+        if policy.failure_mode == "open":
+            return None
+        return problem(exchange, 503, f"{policy.name} cannot decide right now", {"Retry-After": "1"})
+
+    async def close(self) -> None:
+        for policy in self.policies:
+            await policy.close()
+

@@ -1,0 +1,13 @@
+"""The policy registry.
+
+The order of POLICIES is the order of every route's request chain (DESIGN.md: CORS preflight →
+rate limit → auth → validate/sanitize → cache); response hooks run in reverse. Adding a policy is
+one module in this package and one line here: its ``name`` becomes a per-route config block (also
+allowed under ``defaults``), validated by its ``settings_type``.
+"""
+
+from __future__ import annotations
+
+from gateway.pipeline import Policy
+
+POLICIES: tuple[type[Policy], ...] = ()
