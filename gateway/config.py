@@ -144,7 +144,7 @@ class Match(Settings):
         except BadPath as exc:
             raise PydanticCustomError("path", "expected a path such as '/api/products': {reason}", {"reason": str(exc)})
         if unquote(normal) not in (unquote(value), unquote(value).rstrip("/")):
-            raise PydanticCustomError("path", "expected a normalised path such as {normal!r}, got {got!r}", {"normal": normal, "got": value})
+            raise PydanticCustomError("path", "expected a normalised path such as {normal}, got {got}", {"normal": repr(normal), "got": repr(value)})
         # Routes match on the percent-decoded path (CONFIG.md, "Matching").
         return unquote(normal).rstrip("/") or "/"
 
@@ -395,8 +395,12 @@ _EXPECTED = {
 def _issues_from(error: ValidationError, model: type[BaseModel]) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     seen: set[str] = set()
-    for item in error.errors(include_url=False):
+    items = error.errors(include_url=False)
+    failed_inside = {_clean_loc(item["loc"])[:-1] for item in items}
+    for item in items:
         loc = _clean_loc(item["loc"])
+        if item["type"] == "too_short" and any(inner[: len(loc)] == loc for inner in failed_inside):
+            continue  # a list whose items failed is reported through those items
         path = _format_loc(loc)
         kind = item["type"]
         if kind == "extra_forbidden":

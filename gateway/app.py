@@ -1,0 +1,326 @@
+"""The gateway at run time: the request flow, config generations, and the admin app.
+
+A :class:`Runtime` is everything built from one config generation (routes, pipelines,
+upstream pools). :class:`Gateway` owns the current runtime and the long-lived collaborators (the
+store, the access log) and serves every public request from one handler, with no router or
+middleware between the socket and the pipeline:
+
+    request id → normalise path → route match → request policies → upstream → response policies
+
+A reload builds a new runtime beside the old one, swaps it in, and retires the old one once its
+in-flight requests are done (or after listen.limits.drain_timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from aiohttp import web
+
+from gateway.access_log import AccessLog, setup_logging
+from gateway.config import GatewayConfig, effective_blocks, load_config
+from gateway.errors import ConfigError, NoHealthyTarget, UpstreamError
+from gateway.forwarded import Forwarding
+from gateway.pipeline import Exchange, Pipeline, Policy, PolicyContext, Reply, problem
+from gateway.proxy import (
+    ClientBodyError,
+    HandshakeRefused,
+    RequestBody,
+    Upstream,
+    is_websocket,
+    response_headers,
+    send,
+    tunnel_websocket,
+)
+from gateway.routing import BadPath, Route, Router, decoded_path, host_pattern, normalise_path, request_host, route_methods
+from gateway.stores import MemoryStore, Store
+
+log = logging.getLogger("gateway")
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # CONFIG.md, "Request id"
+GATEWAY_KEY = web.AppKey("gateway", "Gateway")
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+class Runtime:
+    """One config generation, ready to serve."""
+
+    def __init__(self, config: GatewayConfig, generation: int, store: Store, policies: tuple[type[Policy], ...]) -> None:
+        self.config = config
+        self.generation = generation
+        self.loaded_at = time.time()
+        self.forwarding = Forwarding(config.listen.trusted_proxies)
+        self.keep_escaped_slashes = config.listen.escaped_slashes == "keep"
+        self.max_header_size = config.listen.limits.max_header_size
+        self.body_timeout = config.listen.limits.body_timeout
+        self.upstreams = {name: Upstream(name, settings) for name, settings in config.upstreams.items()}
+        context = PolicyContext(config=config, store=store)
+        by_name = {policy.name: policy for policy in policies}
+
+        def pipeline(blocks: dict[str, Any]) -> Pipeline:
+            return Pipeline([by_name[name](settings, context) for name, settings in blocks.items()])
+
+        routes = []
+        for settings in config.routes:
+            match = settings.match
+            routes.append(
+                Route(
+                    name=settings.name,
+                    upstream=self.upstreams[settings.upstream],
+                    pipeline=pipeline(effective_blocks(config, settings)),
+                    prefix=match.path,
+                    regex=match.path_regex,
+                    methods=route_methods(match.methods),
+                    host=host_pattern(match.host),
+                    settings=settings,
+                )
+            )
+        self.router = Router(routes)
+        # Requests no route takes still get the defaults' response policies (headers on a 404).
+        self.unrouted = pipeline({n: b for n, b in effective_blocks(config, config.defaults).items()})
+        self.in_flight = 0
+        self.retired: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.start()
+
+    async def close(self) -> None:
+        for route in self.router.routes:
+            await route.pipeline.close()
+        await self.unrouted.close()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self.retired is not None:
+            self.retired.set()
+
+
+class Gateway:
+    """Serves public requests with the current runtime; reloads; answers the admin listener."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        config_path: str | os.PathLike[str] | None = None,
+        *,
+        store: Store | None = None,
+        access_log: AccessLog | None = None,
+        policies: tuple[type[Policy], ...] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if policies is None:
+            from gateway.policies import POLICIES
+
+            policies = POLICIES
+        self.policies = policies
+        self.config_path = config_path
+        self.store = store or MemoryStore(clock=clock)
+        self.access_log = access_log or AccessLog(config.logging.access_log, config.logging.format == "json")
+        self.runtime = Runtime(config, 1, self.store, policies)
+        self.draining = False
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.runtime.config
+
+    async def __aenter__(self) -> "Gateway":
+        await self.runtime.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await self.runtime.close()
+        await self.store.close()
+        self.access_log.close()
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file; a bad file is refused and the running config stays."""
+        assert self.config_path is not None
+        loop = asyncio.get_running_loop()
+        try:
+            config = await loop.run_in_executor(None, load_config, self.config_path, None, self.policies)
+        except ConfigError as exc:
+            log.error("config reload refused; the running config stays", extra={"error": str(exc)})
+            return False
+        old = self.runtime
+        for key in ("listen", "workers", "admin"):
+            if getattr(config, key) != getattr(old.config, key):
+                log.warning("config reload: a change to %r takes effect at the next restart", key)
+        runtime = Runtime(config, old.generation + 1, self.store, self.policies)
+        await runtime.start()
+        self.runtime = runtime
+        setup_logging(config.logging)
+        self.access_log.enabled = config.logging.access_log
+        task = asyncio.create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("config reloaded", extra={"generation": runtime.generation, "file": str(self.config_path)})
+        return True
+
+    async def _retire(self, runtime: Runtime) -> None:
+        runtime.retired = asyncio.Event()
+        if runtime.in_flight:
+            try:
+                await asyncio.wait_for(runtime.retired.wait(), runtime.config.listen.limits.drain_timeout)
+            except asyncio.TimeoutError:
+                log.warning("retiring config generation %d with requests still in flight", runtime.generation)
+        await runtime.close()
+
+    # -- the public handler ------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every public request, end to end; the error boundary: no exception text leaves."""
+        started = time.perf_counter()
+        runtime = self.runtime
+        runtime.enter()
+        incoming_id = request.headers.get("X-Request-ID")
+        request_id = incoming_id if incoming_id and REQUEST_ID.fullmatch(incoming_id) else new_request_id()
+        forwarded_for = ", ".join(request.headers.getall("X-Forwarded-For", ())) or None
+        exchange = Exchange(request, request_id, runtime.forwarding.client_ip(request.remote, forwarded_for), started)
+        status = 499  # the client went away before an answer (nginx's convention)
+        try:
+            response = await self._serve(runtime, exchange)
+            status = response.status
+            return response
+        except Exception:
+            log.exception("unexpected error", extra={"request_id": request_id, "path": request.path})
+            status = 500
+            reply = problem(exchange, 500, "the gateway failed to handle the request")
+            reply.headers["X-Request-ID"] = request_id
+            return await send(request, reply, exchange)
+        finally:
+            runtime.leave()
+            self.access_log.record(exchange, status)
+
+    async def _serve(self, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:
+        request = exchange.request
+        reply, pipeline = self._route(runtime, exchange)
+        route = exchange.route
+        if reply is None and route is not None:
+            pipeline = route.pipeline
+            exchange.upstream_headers = runtime.forwarding.upstream_headers(request, request.remote, exchange.request_id)
+            reply = await pipeline.on_request(exchange)
+            if reply is None:
+                if is_websocket(request):
+                    return await self._websocket(request, exchange, route)
+                body = RequestBody(request, exchange, runtime.body_timeout) if request.body_exists else None
+                try:
+                    async with route.upstream.forward(exchange, body) as upstream:
+                        reply = Reply(upstream.status, response_headers(upstream), upstream=upstream)
+                        pipeline.on_response(exchange, reply)
+                        reply.headers["X-Request-ID"] = exchange.request_id
+                        return await send(request, reply, exchange)
+                except UpstreamError as exc:
+                    retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, NoHealthyTarget) else None
+                    reply = problem(exchange, exc.status, exc.detail, retry)
+                except ClientBodyError as exc:
+                    reply = problem(exchange, exc.status, exc.detail)
+        assert reply is not None
+        pipeline.on_response(exchange, reply)
+        reply.headers["X-Request-ID"] = exchange.request_id
+        response = await send(request, reply, exchange)
+        if request.body_exists and not request.content.at_eof():
+            # The body was not read: closing is cheaper and safer than draining it.
+            response.force_close()
+        return response
+
+    def _route(self, runtime: Runtime, exchange: Exchange) -> tuple[Reply | None, Pipeline]:
+        """Check the head, normalise the path, find the route; a Reply when there is none."""
+        request = exchange.request
+        head_size = len(request.method) + len(request.raw_path) + 12
+        for name, value in request.raw_headers:
+            head_size += len(name) + len(value) + 4
+        if head_size > runtime.max_header_size:
+            return problem(exchange, 431, "the request headers are too large"), runtime.unrouted
+        raw_path, _, exchange.query = request.raw_path.partition("?")
+        try:
+            exchange.path = normalise_path(raw_path, runtime.keep_escaped_slashes)
+        except BadPath as exc:
+            exchange.path = ""
+            return problem(exchange, 400, f"invalid path: {exc}"), runtime.unrouted
+        exchange.match_path = decoded_path(exchange.path, runtime.keep_escaped_slashes)
+        host = request_host(request.headers.get("Host", ""))
+        route, allowed = runtime.router.match(request.method, host, exchange.match_path)
+        if route is not None:
+            exchange.route = route
+            return None, route.pipeline
+        if allowed:
+            detail = f"{request.method} is not allowed here"
+            return problem(exchange, 405, detail, {"Allow": ", ".join(allowed)}), runtime.unrouted
+        return problem(exchange, 404, "no route matches this path"), runtime.unrouted
+
+    async def _websocket(self, request: web.BaseRequest, exchange: Exchange, route: Route) -> web.StreamResponse:
+        try:
+            return await tunnel_websocket(request, exchange, route.upstream)
+        except UpstreamError as exc:
+            reply = problem(exchange, exc.status, exc.detail)
+        except HandshakeRefused as exc:
+            status = exc.status if 400 <= exc.status < 600 else 502
+            reply = problem(exchange, status, "the upstream refused the WebSocket handshake")
+        route.pipeline.on_response(exchange, reply)
+        reply.headers["X-Request-ID"] = exchange.request_id
+        return await send(request, reply, exchange)
+
+    # -- admin -------------------------------------------------------------------------------
+
+    def admin_app(self) -> web.Application:
+        app = web.Application()
+        app[GATEWAY_KEY] = self
+        app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/readyz", _readyz)
+        return app
+
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
+        runtime = self.runtime
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        upstreams: dict[str, Any] = {}
+        degraded = False
+        clock = time.monotonic()
+        for name, upstream in runtime.upstreams.items():
+            targets = {}
+            for target in upstream.targets:
+                state = "up" if target.available(clock) else ("down" if not target.up else "ejected")
+                targets[target.origin] = {"status": state, "in_flight": target.in_flight}
+            up = sum(1 for t in targets.values() if t["status"] == "up")
+            state = "up" if up == len(targets) else ("degraded" if up else "down")
+            degraded |= state != "up"
+            upstreams[name] = {"status": state, "targets": targets}
+        status = "unready" if self.draining else ("degraded" if degraded else "ready")
+        body = {
+            "status": status,
+            "timestamp": now,
+            "checks": {
+                "upstreams": upstreams,
+                "config": {"generation": runtime.generation, "file": str(self.config_path or ""), "loaded_at": runtime.loaded_at},
+            },
+        }
+        return (503 if status == "unready" else 200), body
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    status, body = await request.app[GATEWAY_KEY].readiness()
+    return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+

@@ -1,0 +1,302 @@
+"""Listeners and processes: sockets, limits on what clients send, signals, workers.
+
+One process serves with ``workers: 1``. With more, a small supervisor forks the workers (each
+binds the same port with SO_REUSEPORT, so the kernel spreads connections), forwards SIGTERM and
+SIGHUP to them and replaces a worker that dies. Signals:
+
+- SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to
+  ``listen.limits.drain_timeout``, close the pools, exit 0.
+- SIGHUP: reload the config file; a bad file is logged and the running config stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import uvloop
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from gateway.access_log import setup_logging
+from gateway.app import Gateway, new_request_id
+from gateway.config import GatewayConfig, ListenLimits, load_config
+from gateway.errors import ConfigError, problem_body
+
+log = logging.getLogger("gateway")
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+RESPAWN_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)  # seconds before replacing a worker that keeps dying
+
+
+def _raw_problem(status: int, reason: str) -> bytes:
+    body = problem_body(status, reason, new_request_id())
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/problem+json\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GatewayProtocol(web.RequestHandler):
+    """aiohttp's connection handler with the gateway's answers to malformed heads.
+
+    - a request line over max_request_line → 414, a header field or a head over
+      max_header_size, or more than max_headers fields → 431 (aiohttp says 400 for all);
+    - a request head not complete within header_timeout → 408 and close (slow-header clients);
+    - every such answer is a problem+json body, never aiohttp's text with parser details.
+    """
+
+    def __init__(self, manager: "GatewayServer", **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = manager.limits
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and not self._request_in_progress:
+            self._start_head_timer()  # the first bytes of the next request on this connection
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued or self._request_in_progress:
+            self._cancel_head_timer()
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = asyncio.get_running_loop().call_later(self._limits.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._request_in_progress or self.transport is None:
+            return
+        self.transport.write(_raw_problem(408, "Request Timeout"))
+        self.force_close()
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            status = 414 if exc.args[1] == self._limits.max_request_line else 431
+        elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+            status = 431
+        if status >= 500:
+            log.error("error while handling a request", exc_info=exc)
+        else:
+            log.info("malformed request refused", extra={"status": status, "error": type(exc).__name__, "client_ip": request.remote})
+        detail = {400: "the request is malformed", 414: "the request line is too long", 431: "the request headers are too large"}
+        body = problem_body(status, detail.get(status, "the gateway failed to handle the request"), new_request_id())
+        response = web.Response(status=status, body=body, content_type="application/problem+json", headers={"Cache-Control": "no-store"})
+        response.force_close()
+        return response
+
+
+class GatewayServer(web.Server):
+    def __init__(self, handler: Any, limits: ListenLimits, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+
+    def __call__(self) -> GatewayProtocol:
+        return GatewayProtocol(self, loop=self._loop, **self._kwargs)
+
+
+def server_options(limits: ListenLimits) -> dict[str, Any]:
+    """aiohttp's parser limits for the configured ones.
+
+    aiohttp checks each header field against max_field_size; the head as a whole is checked
+    against max_header_size in the handler. The field limit is kept one byte off the request-line
+    limit so that handle_error can tell a 414 from a 431 by the limit that was hit.
+    """
+    field = limits.max_header_size + 1
+    if field == limits.max_request_line:
+        field += 1
+    return {
+        "max_line_size": limits.max_request_line,
+        "max_field_size": field,
+        "max_headers": limits.max_headers,
+        "keepalive_timeout": limits.keepalive_timeout,
+        "handler_cancellation": True,  # a client that leaves cancels its upstream request
+        "access_log": None,  # the gateway writes its own (gateway.access_log)
+    }
+
+
+@dataclass
+class Listeners:
+    public: web.BaseRunner
+    admin: web.BaseRunner | None
+    addresses: dict[str, tuple[str, int]]
+
+    async def close(self) -> None:
+        await self.public.cleanup()  # stops accepting, then waits for in-flight requests
+        if self.admin is not None:
+            await self.admin.cleanup()
+
+
+async def open_listeners(gateway: Gateway, reuse_port: bool = False) -> Listeners:
+    config = gateway.config
+    limits = config.listen.limits
+    server = GatewayServer(gateway.handle, limits, **server_options(limits))
+    public = web.ServerRunner(server, handle_signals=False, shutdown_timeout=limits.drain_timeout)
+    await public.setup()
+    site = web.TCPSite(public, config.listen.host, config.listen.port, reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
+    addresses = {"public": _bound(site)}
+    admin = None
+    if config.admin is not None:
+        admin = web.AppRunner(gateway.admin_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        await admin.setup()
+        admin_site = web.TCPSite(admin, config.admin.host, config.admin.port, reuse_port=reuse_port or None)
+        await admin_site.start()
+        addresses["admin"] = _bound(admin_site)
+    return Listeners(public, admin, addresses)
+
+
+def _bound(site: web.TCPSite) -> tuple[str, int]:
+    server = site._server  # aiohttp keeps the asyncio server here; its sockets tell the real port
+    assert server is not None
+    host, port = server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+    return host, port
+
+
+async def serve(path: str, config: GatewayConfig, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT; reload on SIGHUP."""
+    setup_logging(config.logging)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    async with Gateway(config, path) as gateway:
+        listeners = await open_listeners(gateway, reuse_port)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def reload() -> None:
+            task = loop.create_task(gateway.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        log.info(
+            "gateway listening",
+            extra={name: f"{host}:{port}" for name, (host, port) in listeners.addresses.items()} | {"pid": os.getpid()},
+        )
+        await stop.wait()
+        log.info("draining", extra={"drain_timeout_s": config.listen.limits.drain_timeout, "pid": os.getpid()})
+        gateway.draining = True
+        await listeners.close()
+    log.info("stopped", extra={"pid": os.getpid()})
+
+
+def worker_count(config: GatewayConfig) -> int:
+    return (os.cpu_count() or 1) if config.workers == "auto" else int(config.workers)
+
+
+def run(path: str, config: GatewayConfig) -> int:
+    """`gateway run`: serve in this process, or supervise forked workers."""
+    workers = worker_count(config)
+    if workers == 1:
+        uvloop.run(serve(path, config))
+        return 0
+    return Supervisor(path, config, workers).run()
+
+
+class Supervisor:
+    """Forks the workers, forwards signals to them and replaces those that die."""
+
+    def __init__(self, path: str, config: GatewayConfig, workers: int, fork: Callable[[], int] = os.fork) -> None:
+        self.path = path
+        self.config = config
+        self.workers = workers
+        self.fork = fork
+        self.children: dict[int, float] = {}  # pid → start time
+        self.deaths = 0
+        self.stopping = False
+
+    def run(self) -> int:
+        setup_logging(self.config.logging)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        for _ in range(self.workers):
+            self._spawn()
+        log.info("supervisor started", extra={"workers": self.workers, "pid": os.getpid()})
+        deadline: float | None = None
+        while self.children:
+            timeout = 1.0 if deadline is None else max(0.05, min(1.0, deadline - time.monotonic()))
+            info = signal.sigtimedwait(HANDLED_SIGNALS, timeout)
+            self._reap()
+            if info is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    log.warning("workers did not stop in time; killing them")
+                    self._signal_all(signal.SIGKILL)
+                continue
+            if info.si_signo in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                self.stopping = True
+                deadline = time.monotonic() + self.config.listen.limits.drain_timeout + 5
+                self._signal_all(signal.SIGTERM)
+            elif info.si_signo == signal.SIGHUP:
+                self._reload()
+        log.info("supervisor stopped")
+        return 0
+
+    def _spawn(self) -> None:
+        pid = self.fork()
+        if pid == 0:  # the worker
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            code = 0
+            try:
+                uvloop.run(serve(self.path, self.config, reuse_port=True))
+            except BaseException:
+                logging.getLogger("gateway").exception("worker failed")
+                code = 1
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        self.children[pid] = time.monotonic()
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            started = self.children.pop(pid, None)
+            if self.stopping or started is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            self.deaths = self.deaths + 1 if time.monotonic() - started < 10 else 0
+            pause = RESPAWN_BACKOFF[min(self.deaths, len(RESPAWN_BACKOFF)) - 1] if self.deaths else 0
+            log.error("worker exited; starting another", extra={"pid": pid, "exit_code": code, "after_s": pause})
+            time.sleep(pause)
+            self._spawn()
+
+    def _reload(self) -> None:
+        try:
+            self.config = load_config(self.path)
+        except ConfigError as exc:
+            log.error("config reload refused; the running config stays", extra={"error": str(exc)})
+            return
+        self._signal_all(signal.SIGHUP)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                self.children.pop(pid, None)
