@@ -202,6 +202,11 @@ class Upstream:
 
     # -- forwarding --------------------------------------------------------------------------
 
+    def host_header(self, target: Target, exchange: "Exchange") -> str:
+        if self.settings.preserve_host:
+            return exchange.request.headers.get("Host", target.host_header)
+        return target.host_header
+
     def url(self, target: Target, exchange: "Exchange") -> URL:
         raw = target.origin + exchange.path
         if exchange.query:
@@ -232,8 +237,7 @@ class Upstream:
                     raise
                 break
             tried.append(target)
-            if not self.settings.preserve_host:
-                headers["Host"] = target.host_header
+            headers["Host"] = self.host_header(target, exchange)
             target.in_flight += 1
             try:
                 response = await self.session.request(
@@ -371,8 +375,7 @@ async def tunnel_websocket(request: web.BaseRequest, exchange: "Exchange", upstr
     for name in list(headers):
         if name.lower() in WEBSOCKET_HANDSHAKE or name.lower() in HOP_BY_HOP:
             headers.popall(name, None)
-    if not upstream.settings.preserve_host:
-        headers["Host"] = target.host_header
+    headers["Host"] = upstream.host_header(target, exchange)
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     try:
         server_side = await upstream.session.ws_connect(

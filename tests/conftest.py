@@ -1,0 +1,300 @@
+"""Fixtures: real upstream servers, the gateway in-process or as a process, all on free ports.
+
+- ``upstream`` / ``upstreams``: aiohttp servers on 127.0.0.1 that record what they receive and
+  answer through a handler a test may replace.
+- ``start_gateway``: builds a Gateway from a config dict and serves it on real sockets.
+- ``gateway_process``: runs ``python -m gateway run`` with a config file, for signals and workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.access_log import AccessLog
+from gateway.app import Gateway
+from gateway.config import parse_config
+from gateway.server import Listeners, open_listeners
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Received:
+    method: str
+    path: str  # raw path with query, as the upstream saw it
+    headers: dict[str, str]
+    header_items: list[tuple[str, str]]
+    body: bytes
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Upstream:
+    """A real HTTP server that records requests; set ``handler`` to change its answers."""
+
+    port: int
+    requests: list[Received] = field(default_factory=list)
+    handler: Handler | None = None
+    runner: web.AppRunner | None = None
+    read_body: bool = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.handler is not None and not self.read_body:
+            self.requests.append(Received(request.method, request.raw_path, dict(request.headers), list(request.headers.items()), b""))
+            return await self.handler(request)
+        body = await request.read()
+        self.requests.append(Received(request.method, request.raw_path, dict(request.headers), list(request.headers.items()), body))
+        if self.handler is not None:
+            return await self.handler(request)
+        return web.json_response({"upstream": self.port, "path": request.raw_path, "method": request.method})
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def upstream_factory() -> AsyncIterator[Callable[[], Awaitable[Upstream]]]:
+    started: list[Upstream] = []
+
+    async def make() -> Upstream:
+        server = Upstream(free_port())
+        await server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.stop()
+
+
+@pytest.fixture
+async def upstream(upstream_factory: Callable[[], Awaitable[Upstream]]) -> Upstream:
+    return await upstream_factory()
+
+
+def base_config(*targets: str, **overrides: Any) -> dict[str, Any]:
+    """A config dict with one upstream `api` and one catch-all route `all`, on free ports."""
+    config: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "logging": {"level": "warning", "access_log": False},
+        "upstreams": {"api": {"targets": list(targets), "timeouts": {"connect": "1s", "read": "5s"}}},
+        "routes": [{"name": "all", "match": {"path": "/"}, "upstream": "api"}],
+    }
+    config.update(overrides)
+    return config
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    listeners: Listeners
+
+    @property
+    def url(self) -> str:
+        host, port = self.listeners.addresses["public"]
+        return f"http://{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        return self.listeners.addresses["public"][1]
+
+    @property
+    def admin_url(self) -> str:
+        host, port = self.listeners.addresses["admin"]
+        return f"http://{host}:{port}"
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    running: list[RunningGateway] = []
+
+    async def start(config: dict[str, Any], policies: tuple[type, ...] | None = None, **kwargs: Any) -> RunningGateway:
+        path = tmp_path / f"gateway-{len(running)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        parsed = parse_config(config, str(path), tmp_path, policies=policies)
+        kwargs.setdefault("access_log", AccessLog(False))
+        gateway = Gateway(parsed, path, policies=policies, **kwargs)
+        await gateway.__aenter__()
+        listeners = await open_listeners(gateway)
+        handle = RunningGateway(gateway, listeners)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in reversed(running):
+        await handle.listeners.close()
+        await handle.gateway.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes on a new connection; return all the server sends until it closes or goes quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        writer.close()
+    return b"".join(chunks)
+
+
+def parse_raw_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def assert_problem(status: int, headers: Any, body: bytes, expected_status: int) -> dict[str, Any]:
+    """The gateway's own answer: RFC 9457 problem+json with the request id."""
+    assert status == expected_status, body
+    content_type = headers.get("Content-Type") or headers.get("content-type")
+    assert content_type.startswith("application/problem+json")
+    document = json.loads(body)
+    assert document["status"] == expected_status
+    assert document["type"].startswith("https://gateway.dev/problems/")
+    assert document["title"] and document["detail"] and document["request_id"]
+    return document
+
+
+# -- the gateway as a process ---------------------------------------------------------------
+
+
+@dataclass
+class GatewayProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    admin_port: int
+    config_path: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in self.log().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+        return records
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=0.5) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if sock.recv(12).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("gateway did not become ready")
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Any:
+    processes: list[GatewayProcess] = []
+
+    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
+        config = json.loads(json.dumps(config))
+        port, admin_port = free_port(), free_port()
+        config["listen"]["port"] = port
+        config["admin"] = {"host": "127.0.0.1", "port": admin_port}
+        path = tmp_path / f"process-{len(processes)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log_path = tmp_path / f"process-{len(processes)}.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "-c", str(path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                cwd=tmp_path,
+                start_new_session=True,  # its own process group: cleanup reaches the workers too
+            )
+        handle = GatewayProcess(process, port, admin_port, path, log_path)
+        processes.append(handle)
+        wait_until_ready(handle.admin_url, process)
+        return handle
+
+    yield start
+    for handle in processes:
+        try:
+            os.killpg(handle.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        handle.process.wait(10)
