@@ -78,7 +78,7 @@ class Upstream:
     async def start(self) -> None:
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
 
@@ -233,6 +233,10 @@ class GatewayProcess:
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Replace the config file (for a reload), keeping the ports the process listens on."""
+        self.config_path.write_text(yaml.safe_dump(_with_ports(config, self.port, self.admin_port)))
+
     def wait(self, timeout: float = 30) -> int:
         return self.process.wait(timeout)
 
@@ -265,17 +269,22 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float 
     raise RuntimeError("gateway did not become ready")
 
 
+def _with_ports(config: dict[str, Any], port: int, admin_port: int) -> dict[str, Any]:
+    config = json.loads(json.dumps(config))
+    config["listen"]["port"] = port
+    config["admin"] = {"host": "127.0.0.1", "port": admin_port}
+    config.setdefault("logging", {})["level"] = "info"  # tests read the lifecycle lines
+    return config
+
+
 @pytest.fixture
 def gateway_process(tmp_path: Path) -> Any:
     processes: list[GatewayProcess] = []
 
     def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
-        config = json.loads(json.dumps(config))
         port, admin_port = free_port(), free_port()
-        config["listen"]["port"] = port
-        config["admin"] = {"host": "127.0.0.1", "port": admin_port}
         path = tmp_path / f"process-{len(processes)}.yaml"
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump(_with_ports(config, port, admin_port)))
         log_path = tmp_path / f"process-{len(processes)}.log"
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(

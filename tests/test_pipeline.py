@@ -1,0 +1,145 @@
+"""The policy chain: order, local replies, response hooks, failure modes, plugging in a policy."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from gateway.errors import DependencyUnavailable
+from gateway.pipeline import Exchange, Policy, Reply, problem
+from gateway.settings import Settings
+from tests.conftest import assert_problem, base_config
+
+
+class TagSettings(Settings):
+    label: str
+    deny_path: str | None = None
+    fail: Literal["never", "open", "closed"] = "never"
+
+
+class TagPolicy(Policy):
+    """Stamps the upstream request and the response; may deny a path or fail to decide."""
+
+    name = "tag"
+    settings_type = TagSettings
+
+    def __init__(self, settings: TagSettings, context) -> None:
+        super().__init__(settings, context)
+        if settings.fail != "never":
+            self.failure_mode = settings.fail
+
+    async def on_request(self, exchange: Exchange) -> Reply | None:
+        if self.settings.fail != "never":
+            raise DependencyUnavailable("store is down")
+        exchange.upstream_headers.add("X-Trail", f"tag:{self.settings.label}")
+        if exchange.path == self.settings.deny_path:
+            return problem(exchange, 403, "denied by tag")
+        return None
+
+    def on_response(self, exchange: Exchange, reply: Reply) -> None:
+        reply.headers.add("X-Trail", f"tag:{self.settings.label}")
+
+
+class StampSettings(Settings):
+    value: str = "stamp"
+
+
+class StampPolicy(Policy):
+    name = "stamp"
+    settings_type = StampSettings
+
+    async def on_request(self, exchange: Exchange) -> Reply | None:
+        exchange.upstream_headers.add("X-Trail", f"stamp:{self.settings.value}")
+        return None
+
+    def on_response(self, exchange: Exchange, reply: Reply) -> None:
+        reply.headers.add("X-Trail", f"stamp:{self.settings.value}")
+
+
+class HeaderOnlyPolicy(Policy):
+    """Only a response hook: its request side costs nothing."""
+
+    name = "header_only"
+    settings_type = StampSettings
+
+    def on_response(self, exchange: Exchange, reply: Reply) -> None:
+        reply.headers["X-Header-Only"] = self.settings.value
+
+
+POLICIES = (TagPolicy, StampPolicy, HeaderOnlyPolicy)
+
+
+async def test_request_hooks_run_in_registry_order_and_response_hooks_in_reverse(start_gateway, upstream, client):
+    config = base_config(upstream.url)
+    config["routes"][0].update(tag={"label": "t"}, stamp={"value": "s"})
+    gw = await start_gateway(config, policies=POLICIES)
+    async with client.get(gw.url + "/x") as resp:
+        assert resp.status == 200
+        assert resp.headers.getall("X-Trail") == ["stamp:s", "tag:t"]
+    assert upstream.requests[-1].header_items.count(("X-Trail", "tag:t")) == 1
+    trail = [value for name, value in upstream.requests[-1].header_items if name == "X-Trail"]
+    assert trail == ["tag:t", "stamp:s"]
+
+
+async def test_a_local_reply_ends_the_chain_and_still_gets_response_hooks(start_gateway, upstream, client):
+    config = base_config(upstream.url)
+    config["routes"][0].update(tag={"label": "t", "deny_path": "/secret"}, stamp={"value": "s"})
+    gw = await start_gateway(config, policies=POLICIES)
+    async with client.get(gw.url + "/secret") as resp:
+        assert_problem(resp.status, resp.headers, await resp.read(), 403)
+        # stamp never saw the request, but every response passes every response hook
+        assert resp.headers.getall("X-Trail") == ["stamp:s", "tag:t"]
+    assert upstream.requests == []
+
+
+async def test_a_failing_policy_with_failure_mode_closed_answers_503(start_gateway, upstream, client):
+    config = base_config(upstream.url)
+    config["routes"][0]["tag"] = {"label": "t", "fail": "closed"}
+    gw = await start_gateway(config, policies=POLICIES)
+    async with client.get(gw.url + "/x") as resp:
+        assert_problem(resp.status, resp.headers, await resp.read(), 503)
+    assert upstream.requests == []
+
+
+async def test_a_failing_policy_with_failure_mode_open_lets_the_request_through(start_gateway, upstream, client):
+    config = base_config(upstream.url)
+    config["routes"][0]["tag"] = {"label": "t", "fail": "open"}
+    gw = await start_gateway(config, policies=POLICIES)
+    async with client.get(gw.url + "/x") as resp:
+        assert resp.status == 200
+    assert len(upstream.requests) == 1
+
+
+async def test_routes_inherit_default_blocks_replace_them_or_switch_them_off(start_gateway, upstream, client):
+    config = base_config(upstream.url)
+    config["defaults"] = {"stamp": {"value": "default"}}
+    config["routes"] = [
+        {"name": "inherits", "match": {"path": "/a"}, "upstream": "api"},
+        {"name": "replaces", "match": {"path": "/b"}, "upstream": "api", "stamp": {"value": "own"}},
+        {"name": "off", "match": {"path": "/c"}, "upstream": "api", "stamp": False},
+    ]
+    gw = await start_gateway(config, policies=POLICIES)
+    trails = {}
+    for path in ("/a", "/b", "/c"):
+        async with client.get(gw.url + path) as resp:
+            trails[path] = resp.headers.getall("X-Trail", [])
+    assert trails == {"/a": ["stamp:default"], "/b": ["stamp:own"], "/c": []}
+
+
+async def test_gateway_made_errors_without_a_route_get_the_default_response_hooks(start_gateway, upstream, client):
+    config = base_config(upstream.url)
+    config["defaults"] = {"header_only": {"value": "on-404"}}
+    config["routes"][0]["match"] = {"path": "/api"}
+    gw = await start_gateway(config, policies=POLICIES)
+    async with client.get(gw.url + "/nowhere") as resp:
+        assert_problem(resp.status, resp.headers, await resp.read(), 404)
+        assert resp.headers["X-Header-Only"] == "on-404"
+
+
+async def test_hooks_a_policy_does_not_override_are_not_in_the_chain(start_gateway, upstream):
+    config = base_config(upstream.url)
+    config["routes"][0].update(header_only={"value": "v"}, stamp={"value": "s"})
+    gw = await start_gateway(config, policies=POLICIES)
+    pipeline = gw.gateway.runtime.router.routes[0].pipeline
+    assert [type(p).__name__ for p in pipeline.policies] == ["StampPolicy", "HeaderOnlyPolicy"]
+    assert [type(p).__name__ for p in pipeline._request] == ["StampPolicy"]
+    assert len(pipeline._response) == 2
