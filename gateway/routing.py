@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
 # Anything that might make the raw path differ from its normal form; most paths have none.
-_NEEDS_WORK = re.compile(r"%|//|/\.|\\|[^\x21-\x7e]")
+_NEEDS_WORK = re.compile(r"%|//|/\.|\\|#|[^\x21-\x7e]")
 # Characters kept as they are in a normal path (RFC 3986 pchar, '/' and '%' of kept escapes).
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 
@@ -65,6 +65,8 @@ def normalise_path(raw: str, keep_escaped_slashes: bool = False) -> str:
             continue
         if char == "\\":
             raise BadPath("backslash in path")
+        if char == "#":
+            raise BadPath("a fragment is not part of a request target")  # RFC 9112 §3.2
         if char < "\x21" or char == "\x7f":
             raise BadPath("control character or space in path")
         out.append(char if char.isascii() else quote(char, safe=""))

@@ -143,3 +143,33 @@ async def test_hooks_a_policy_does_not_override_are_not_in_the_chain(start_gatew
     assert [type(p).__name__ for p in pipeline.policies] == ["StampPolicy", "HeaderOnlyPolicy"]
     assert [type(p).__name__ for p in pipeline._request] == ["StampPolicy"]
     assert len(pipeline._response) == 2
+
+
+class BrokenPolicy(Policy):
+    name = "broken"
+    settings_type = StampSettings
+
+    async def on_request(self, exchange: Exchange) -> Reply | None:
+        raise RuntimeError("secret internal detail at 10.1.2.3")
+
+
+async def test_an_unexpected_exception_is_a_500_problem_and_its_traceback_stays_in_the_log(start_gateway, upstream, client, caplog):
+    import logging
+
+    config = base_config(upstream.url)
+    config["routes"][0]["broken"] = {}
+    gw = await start_gateway(config, policies=(BrokenPolicy,))
+    gateway_logger = logging.getLogger("gateway")
+    gateway_logger.addHandler(caplog.handler)
+    try:
+        async with client.get(gw.url + "/x", headers={"X-Request-ID": "boom-1"}) as resp:
+            body = await resp.read()
+            document = assert_problem(resp.status, resp.headers, body, 500)
+    finally:
+        gateway_logger.removeHandler(caplog.handler)
+    assert b"secret" not in body and b"10.1.2.3" not in body and b"Traceback" not in body
+    assert document["request_id"] == "boom-1" == resp.headers["X-Request-ID"]
+    record = next(r for r in caplog.records if r.getMessage() == "unexpected error")
+    assert record.exc_info and "secret internal detail" in str(record.exc_info[1])
+    assert record.request_id == "boom-1"
+    assert upstream.requests == []
