@@ -18,12 +18,13 @@ import re
 import typing
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, Sequence
 from urllib.parse import unquote
 
 import yaml
 import yarl
-from pydantic import BaseModel, Field, ValidationError, WrapValidator, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, WrapValidator, create_model, field_validator, model_validator
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError, core_schema
 
@@ -87,6 +88,8 @@ class ActiveHealth(Settings):
 
 def _off_or(value: Any, handler: core_schema.ValidatorFunctionWrapHandler) -> Any:
     """`false` switches a block off (None); anything else validates as the block."""
+    if value is None:  # `admin:` with nothing under it: say so rather than guess
+        raise PydanticCustomError("block", "expected a mapping, or false to switch it off; the block is empty")
     return None if value is False else handler(value)
 
 
@@ -102,6 +105,8 @@ class Health(Settings):
 
 def _target_url(value: Any) -> str:
     url = yarl.URL(value) if isinstance(value, str) else None
+    if url is not None and (url.user or url.password):
+        raise PydanticCustomError("target", "expected a target without credentials (they would be dropped), got {got}", {"got": repr(str(url.with_user(None)))})
     if url is None or url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/") or url.query_string:
         raise PydanticCustomError("target", "expected a target such as 'http://10.0.0.5:8080' (scheme, host, port; no path), got {got}", {"got": repr(value)})
     return str(url.origin())
@@ -124,13 +129,8 @@ class Upstream(Settings):
 class Match(Settings):
     path: str | None = Field(None, description="segment prefix on the normalised path: /api matches /api and /api/x")
     path_regex: re.Pattern[str] | None = Field(None, description="searched in the normalised, percent-decoded path")
-    methods: tuple[Literal[METHODS], ...] | None = None  # type: ignore[valid-type]
+    methods: tuple[Literal[METHODS], ...] | None = None  # type: ignore[valid-type]  # case-sensitive (RFC 9110 §9.1)
     host: str | None = Field(None, description="exact host or '*.example.com'")
-
-    @field_validator("methods", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        return [m.upper() if isinstance(m, str) else m for m in value] if isinstance(value, list) else value
 
     @field_validator("path")
     @classmethod
@@ -139,6 +139,8 @@ class Match(Settings):
 
         if value is None:
             return None
+        if "?" in value:
+            raise PydanticCustomError("path", "expected a path without a query (routes match the path only), got {got}", {"got": repr(value)})
         try:
             normal = normalise_path(value)
         except BadPath as exc:
@@ -195,7 +197,7 @@ class GatewayConfigBase(Settings):
     listen: Listen = Listen()
     workers: Workers = 1
     admin: switchable(Admin) = Admin()  # type: ignore[valid-type]
-    upstreams: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Upstream] = Field(min_length=1)
+    upstreams: Annotated[dict[Annotated[str, Field(pattern=NAME_PATTERN)], Upstream], AfterValidator(MappingProxyType)] = Field(min_length=1)
     logging: Logging = Logging()
 
     def route_blocks(self) -> dict[str, Any]:  # overridden by config_model
@@ -211,6 +213,8 @@ def _policy_field(settings_type: Any) -> Any:
 
 
 def _block_or_off(value: Any, handler: core_schema.ValidatorFunctionWrapHandler) -> Any:
+    if value is None:
+        raise PydanticCustomError("block", "expected the block's settings, or false to switch it off; the block is empty")
     return False if value is False else handler(value)
 
 
@@ -271,7 +275,9 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
-_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `$$`, a well-formed reference, or anything else that starts with `${` (refused, so that a
+# shell-style `${NAME-default}` never becomes a literal secret).
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{[^}]*\}?")
 
 
 def interpolate(value: Any, environ: typing.Mapping[str, str], path: str, issues: list[ConfigIssue]) -> Any:
@@ -284,6 +290,9 @@ def interpolate(value: Any, environ: typing.Mapping[str, str], path: str, issues
             if match.group(0) == "$$":
                 return "$"
             name, default = match.group(1), match.group(2)
+            if name is None:
+                issues.append(ConfigIssue(path, f"malformed reference {match.group(0)!r}: write ${{NAME}} or ${{NAME:-default}}, or $$ for a literal $"))
+                return ""
             current = environ.get(name)
             if current is None or (current == "" and default is not None):
                 if default is None:
@@ -339,29 +348,41 @@ def parse_config(
         raise ConfigError(file, [ConfigIssue("", "expected a mapping of blocks (listen, upstreams, routes, ...) at the top")])
     issues: list[ConfigIssue] = []
     document = interpolate(raw, os.environ if environ is None else environ, "", issues)
-    if issues:
-        raise ConfigError(file, issues)
     model = config_model(policies)
+    config = None
     try:
         config = model.model_validate(document, context={"base_dir": base_dir or Path.cwd()})
     except ValidationError as exc:
-        raise ConfigError(file, _issues_from(exc, model)) from None
-    issues = _cross_references(config)
+        # A value left empty by a failed interpolation is reported once, as that failure.
+        failed = {issue.path for issue in issues}
+        issues += [issue for issue in _issues_from(exc, model, document) if issue.path not in failed]
+    issues += _cross_references(document)
     if issues:
         raise ConfigError(file, issues)
+    assert config is not None
     return config
 
 
-def _cross_references(config: Any) -> list[ConfigIssue]:
+def _cross_references(document: dict[str, Any]) -> list[ConfigIssue]:
+    """Checks across blocks, on the document itself so they are reported with every other issue."""
     issues = []
+    upstreams = document.get("upstreams")
+    upstream_names = list(upstreams) if isinstance(upstreams, dict) else []
+    routes = document.get("routes")
     names: dict[str, int] = {}
-    for index, route in enumerate(config.routes):
-        if route.name in names:
-            issues.append(ConfigIssue(f"routes[{index}].name", f"route name {route.name!r} is already used by routes[{names[route.name]}]"))
-        names.setdefault(route.name, index)
-        if route.upstream not in config.upstreams:
-            issues.append(ConfigIssue(f"routes[{index}].upstream", f"unknown upstream {route.upstream!r}{_did_you_mean(route.upstream, config.upstreams)}"))
-        if route.match.path is None and route.match.path_regex is None:
+    for index, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in names:
+                issues.append(ConfigIssue(f"routes[{index}].name", f"route name {name!r} is already used by routes[{names[name]}]"))
+            names.setdefault(name, index)
+        upstream = route.get("upstream")
+        if isinstance(upstream, str) and isinstance(upstreams, dict) and upstream not in upstreams:
+            issues.append(ConfigIssue(f"routes[{index}].upstream", f"unknown upstream {upstream!r}{_did_you_mean(upstream, upstream_names)}"))
+        match = route.get("match")
+        if isinstance(match, dict) and match.get("path") is None and match.get("path_regex") is None:
             issues.append(ConfigIssue(f"routes[{index}].match", "give path (a prefix such as /api) or path_regex"))
     return issues
 
@@ -392,13 +413,13 @@ _EXPECTED = {
 }
 
 
-def _issues_from(error: ValidationError, model: type[BaseModel]) -> list[ConfigIssue]:
+def _issues_from(error: ValidationError, model: type[BaseModel], document: Any) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     seen: set[str] = set()
     items = error.errors(include_url=False)
-    failed_inside = {_clean_loc(item["loc"])[:-1] for item in items}
+    failed_inside = {_clean_loc(item["loc"], document)[:-1] for item in items}
     for item in items:
-        loc = _clean_loc(item["loc"])
+        loc = _clean_loc(item["loc"], document)
         if item["type"] == "too_short" and any(inner[: len(loc)] == loc for inner in failed_inside):
             continue  # a list whose items failed is reported through those items
         path = _format_loc(loc)
@@ -426,13 +447,22 @@ def _issues_from(error: ValidationError, model: type[BaseModel]) -> list[ConfigI
     return issues
 
 
-def _clean_loc(loc: Sequence[Any]) -> tuple[Any, ...]:
-    # Union branches and validator wrappers add entries such as 'function-wrap[...]' or
-    # 'literal[False]' to the location; they are not keys the user wrote.
-    return tuple(part for part in loc if not (isinstance(part, str) and ("[" in part or part in _BRANCH_TAGS)))
-
-
-_BRANCH_TAGS = {"int", "str", "float", "bool", "list", "dict", "tuple", "none", "is-instance"}
+def _clean_loc(loc: Sequence[Any], document: Any) -> tuple[Any, ...]:
+    """The key path the user wrote: pydantic adds entries for union branches and validators
+    (such as 'function-wrap[...]') that are not keys; keep only what the document has."""
+    kept = []
+    current = document
+    for index, part in enumerate(loc):
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            current = current[part]
+        elif index == len(loc) - 1 and isinstance(current, dict) and not (isinstance(part, str) and "[" in part):
+            current = None  # a missing required key, named at the end of the path
+        else:
+            continue
+        kept.append(part)
+    return tuple(kept)
 
 
 def _format_loc(loc: Sequence[Any]) -> str:
