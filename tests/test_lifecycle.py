@@ -42,6 +42,10 @@ async def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(gateway_pr
         await asyncio.sleep(0.01)
     gw.signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
+    # Readiness says "unready" while draining, so a load balancer stops sending traffic.
+    async with aiohttp.ClientSession() as admin:
+        async with admin.get(gw.admin_url + "/readyz") as ready:
+            assert ready.status == 503 and (await ready.json())["status"] == "unready"
     # No new connections once draining has begun.
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as fresh:

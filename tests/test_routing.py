@@ -201,3 +201,16 @@ async def test_a_slow_head_on_a_kept_alive_connection_is_timed_out_too(start_gat
     writer.close()
     assert data.startswith(b"HTTP/1.1 408")
     assert [r.path for r in upstream.requests] == ["/x"]
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(start_gateway, upstream):
+    config = base_config(upstream.url)
+    config["listen"]["limits"] = {"keepalive_timeout": "300ms"}
+    gw = await start_gateway(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200")
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the gateway
+    assert asyncio.get_running_loop().time() - started >= 0.25
+    writer.close()
