@@ -351,10 +351,11 @@ async def send(request: web.BaseRequest, reply: "Reply", exchange: "Exchange") -
         async for chunk in upstream.content.iter_any():
             exchange.bytes_out += len(chunk)
             await response.write(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
         # The status line is gone: the only honest signal left is to cut the connection, so the
         # client sees a truncated body rather than a complete-looking one.
-        exchange.notes["aborted"] = f"upstream body: {type(exc).__name__}"
+        side = "client" if isinstance(exc, ConnectionResetError) else "upstream"
+        exchange.notes["aborted"] = f"{side}: {type(exc).__name__}"
         if request.transport is not None:
             request.transport.abort()
         return response

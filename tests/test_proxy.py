@@ -389,3 +389,24 @@ async def test_the_access_log_has_one_line_per_request(start_gateway, upstream, 
     assert line["upstream"] == upstream.url and line["upstream_status"] == 200
     assert line["bytes_in"] == 5 and line["bytes_out"] > 0 and line["duration_ms"] > 0
     assert line["client_ip"] == "127.0.0.1" and line["time"].endswith("Z")
+
+
+async def test_an_upstream_that_dies_mid_body_leaves_the_client_a_truncated_response(start_gateway, upstream, client):
+    async def dies(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()  # chunked: only the final chunk says the body is whole
+        await response.prepare(request)
+        await response.write(b"partial")
+        await asyncio.sleep(0.1)
+        request.transport.abort()
+        return response
+
+    upstream.handler = dies
+    gw = await start_gateway(base_config(upstream.url))
+    async with client.get(gw.url + "/x") as resp:
+        assert resp.status == 200
+        try:
+            await resp.read()
+        except aiohttp.ClientPayloadError:
+            pass
+        else:
+            raise AssertionError("the client was shown a complete body")
