@@ -14,6 +14,7 @@ in-flight requests are done (or after listen.limits.drain_timeout).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -45,6 +46,12 @@ log = logging.getLogger("gateway")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # CONFIG.md, "Request id"
 GATEWAY_KEY = web.AppKey("gateway", "Gateway")
+
+
+def is_preflight(request: web.BaseRequest) -> bool:
+    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method (Fetch §3.2.2)."""
+    headers = request.headers
+    return request.method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
 
 
 def new_request_id() -> str:
@@ -87,6 +94,8 @@ class Runtime:
         self.router = Router(routes)
         # Requests no route takes still get the defaults' response policies (headers on a 404).
         self.unrouted = pipeline({n: b for n, b in effective_blocks(config, config.defaults).items()})
+        global_headers = getattr(config, "security_headers", None)
+        self.server_header: str | None = (global_headers.server or None) if global_headers is not None else None
         self.in_flight = 0
         self.retired: asyncio.Event | None = None
 
@@ -138,6 +147,11 @@ class Gateway:
     @property
     def config(self) -> GatewayConfig:
         return self.runtime.config
+
+    @property
+    def server_header(self) -> str | None:
+        """The Server header for responses that carry none (None: send no Server header)."""
+        return self.runtime.server_header
 
     async def __aenter__(self) -> "Gateway":
         await self.runtime.start()
@@ -205,11 +219,23 @@ class Gateway:
             log.exception("unexpected error", extra={"request_id": request_id, "path": request.path})
             status = 500
             reply = problem(exchange, 500, "the gateway failed to handle the request")
+            pipeline = exchange.route.pipeline if exchange.route is not None else runtime.unrouted
+            with contextlib.suppress(Exception):  # the failure may have come from these very hooks
+                pipeline.on_response(exchange, reply)
             reply.headers["X-Request-ID"] = request_id
             return await send(request, reply, exchange)
         finally:
             runtime.leave()
             self.access_log.record(exchange, status)
+
+    def local_response(self, request: web.BaseRequest, status: int, detail: str) -> web.Response:
+        """A problem response for a request that never reached the pipeline (a malformed head),
+        with the defaults' response policies applied, so it carries the security headers too."""
+        exchange = Exchange(request, new_request_id(), request.remote or "", time.perf_counter())
+        reply = problem(exchange, status, detail)
+        self.runtime.unrouted.on_response(exchange, reply)
+        reply.headers["X-Request-ID"] = exchange.request_id
+        return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
     async def _serve(self, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:
         request = exchange.request
@@ -260,6 +286,12 @@ class Gateway:
         exchange.match_path = decoded_path(exchange.path, runtime.keep_escaped_slashes)
         host = request_host(request.headers.get("Host", ""))
         route, allowed = runtime.router.match(request.method, host, exchange.match_path)
+        if route is None and allowed and is_preflight(request):
+            # A CORS preflight asks about the method it names (Fetch §3.2.2): a route that allows
+            # that method and has CORS on answers it, even when OPTIONS is not among its methods.
+            wanted, _ = runtime.router.match(request.headers["Access-Control-Request-Method"], host, exchange.match_path)
+            if wanted is not None and wanted.pipeline.answers_preflight:
+                route = wanted
         if route is not None:
             exchange.route = route
             return None, route.pipeline

@@ -228,13 +228,20 @@ def config_model(policies: tuple[type, ...] | None = None) -> type[GatewayConfig
     blocks = {policy.name: _policy_field(policy.settings_type) for policy in policies}
     route = create_model("Route", __base__=RouteBase, **blocks)  # type: ignore[call-overload]
     defaults = create_model("Defaults", __base__=DefaultsBase, **blocks)  # type: ignore[call-overload]
+    global_blocks = {
+        policy.name: (policy.global_settings_type, policy.global_settings_type())
+        for policy in policies
+        if getattr(policy, "global_settings_type", None) is not None
+    }
     model = create_model(  # type: ignore[call-overload]
         "GatewayConfig",
         __base__=GatewayConfigBase,
         defaults=(defaults, defaults()),
         routes=(tuple[route, ...], Field(min_length=1)),
+        **global_blocks,
     )
     model.policy_names = tuple(policy.name for policy in policies)
+    model.policies = policies
     return model
 
 
@@ -357,6 +364,10 @@ def parse_config(
         failed = {issue.path for issue in issues}
         issues += [issue for issue in _issues_from(exc, model, document) if issue.path not in failed]
     issues += _cross_references(document)
+    if config is not None:
+        for policy in model.policies:
+            if hasattr(policy, "config_issues"):
+                issues += policy.config_issues(config)
     if issues:
         raise ConfigError(file, issues)
     assert config is not None

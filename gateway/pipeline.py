@@ -20,6 +20,7 @@ from gateway.errors import DependencyUnavailable, problem_body, problem_headers
 if TYPE_CHECKING:
     from aiohttp import ClientResponse, web
 
+    from gateway.errors import ConfigIssue
     from gateway.routing import Route
     from gateway.stores.base import Store
 
@@ -110,10 +111,17 @@ class Policy:
     name: ClassVar[str]
     settings_type: ClassVar[Any]
     failure_mode: FailureMode = "closed"  # when on_request raises DependencyUnavailable
+    answers_preflight: ClassVar[bool] = False  # True: routes with this policy take CORS preflights
+    global_settings_type: ClassVar[Any] = None  # a top-level block of the same name, when the policy has one
 
     def __init__(self, settings: Any, context: PolicyContext) -> None:
         self.settings = settings
         self.context = context
+
+    @classmethod
+    def config_issues(cls, config: Any) -> list["ConfigIssue"]:
+        """Checks across blocks once the whole config validated (unknown names, circles)."""
+        return []
 
     async def on_request(self, exchange: Exchange) -> Reply | None:
         """Return None to go on, or a Reply to answer now (a denial, a cache hit).
@@ -136,10 +144,11 @@ def _overrides(policy: Policy, hook: str) -> bool:
 class Pipeline:
     """A route's policies in order: request hooks forward, response hooks in reverse."""
 
-    __slots__ = ("policies", "_request", "_response")
+    __slots__ = ("policies", "answers_preflight", "_request", "_response")
 
     def __init__(self, policies: Sequence[Policy]) -> None:
         self.policies = tuple(policies)
+        self.answers_preflight = any(p.answers_preflight for p in self.policies)
         self._request = tuple(p for p in self.policies if _overrides(p, "on_request"))
         self._response: tuple[Callable[[Exchange, Reply], None], ...] = tuple(
             p.on_response for p in reversed(self.policies) if _overrides(p, "on_response")

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import uvloop
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway.access_log import setup_logging
@@ -101,19 +102,43 @@ class GatewayProtocol(web.RequestHandler):
         else:
             log.info("malformed request refused", extra={"status": status, "error": type(exc).__name__, "client_ip": request.remote})
         detail = {400: "the request is malformed", 414: "the request line is too long", 431: "the request headers are too large"}
-        body = problem_body(status, detail.get(status, "the gateway failed to handle the request"), new_request_id())
-        response = web.Response(status=status, body=body, content_type="application/problem+json", headers={"Cache-Control": "no-store"})
+        response = self._manager.gateway.local_response(request, status, detail.get(status, "the gateway failed to handle the request"))
         response.force_close()
         return response
 
 
+class GatewayRequest(web.BaseRequest):
+    """aiohttp's request, with the gateway's say over the Server header of its response."""
+
+    ATTRS = web.BaseRequest.ATTRS | frozenset({"gateway"})
+    gateway: Gateway
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # aiohttp fills a missing Server header with its SERVER_SOFTWARE constant (that very
+        # object: `headers.setdefault(SERVER, SERVER_SOFTWARE)`), which names Python and aiohttp
+        # with their versions. The gateway sends its configured value instead, or none.
+        headers = response.headers
+        if headers.get(hdrs.SERVER) is SERVER_SOFTWARE:
+            server = self.gateway.server_header
+            if server:
+                headers[hdrs.SERVER] = server
+            else:
+                del headers[hdrs.SERVER]
+
+
 class GatewayServer(web.Server):
-    def __init__(self, handler: Any, limits: ListenLimits, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.limits = limits
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(gateway.handle, **kwargs)
+        self.gateway = gateway
+        self.limits = gateway.config.listen.limits
 
     def __call__(self) -> GatewayProtocol:
         return GatewayProtocol(self, loop=self._loop, **self._kwargs)
+
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> GatewayRequest:  # type: ignore[override]
+        request = GatewayRequest(message, payload, protocol, writer, task, self._loop)
+        request.gateway = self.gateway
+        return request
 
 
 def server_options(limits: ListenLimits) -> dict[str, Any]:
@@ -151,7 +176,7 @@ class Listeners:
 async def open_listeners(gateway: Gateway, reuse_port: bool = False) -> Listeners:
     config = gateway.config
     limits = config.listen.limits
-    server = GatewayServer(gateway.handle, limits, **server_options(limits))
+    server = GatewayServer(gateway, **server_options(limits))
     public = web.ServerRunner(server, handle_signals=False, shutdown_timeout=limits.drain_timeout)
     await public.setup()
     site = web.TCPSite(public, config.listen.host, config.listen.port, reuse_port=reuse_port or None, backlog=1024)

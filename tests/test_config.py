@@ -292,7 +292,7 @@ def test_an_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path, text: str,
 
 def test_an_unknown_key_with_nothing_close_lists_the_known_keys(tmp_path: Path) -> None:
     error = load_error(tmp_path, "frobnicate: 1\n" + MINIMAL)
-    assert issues(error) == {"frobnicate": "unknown key 'frobnicate' (known keys: listen, workers, admin, upstreams, logging, defaults, routes)"}
+    assert issues(error) == {"frobnicate": "unknown key 'frobnicate' (known keys: listen, workers, admin, upstreams, logging, defaults, routes, security_headers)"}
 
 
 # ---------------------------------------------------------------------------------------------
