@@ -65,12 +65,13 @@ class Runtime:
         self.config = config
         self.generation = generation
         self.loaded_at = time.time()
-        self.forwarding = Forwarding(config.listen.trusted_proxies)
+        reserved = [name for policy in policies for name in policy.reserved_request_headers(config)]
+        self.forwarding = Forwarding(config.listen.trusted_proxies, reserved)
         self.keep_escaped_slashes = config.listen.escaped_slashes == "keep"
         self.max_header_size = config.listen.limits.max_header_size
         self.body_timeout = config.listen.limits.body_timeout
         self.upstreams = {name: Upstream(name, settings) for name, settings in config.upstreams.items()}
-        context = PolicyContext(config=config, store=store)
+        self.context = context = PolicyContext(config=config, store=store)
         by_name = {policy.name: policy for policy in policies}
 
         def pipeline(blocks: dict[str, Any]) -> Pipeline:
@@ -102,11 +103,15 @@ class Runtime:
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.start()
+        for resource in self.context.resources.values():
+            await resource.start()
 
     async def close(self) -> None:
         for route in self.router.routes:
             await route.pipeline.close()
         await self.unrouted.close()
+        for resource in self.context.resources.values():
+            await resource.close()
         for upstream in self.upstreams.values():
             await upstream.close()
 
@@ -336,15 +341,17 @@ class Gateway:
             state = "up" if up == len(targets) else ("degraded" if up else "down")
             degraded |= state != "up"
             upstreams[name] = {"status": state, "targets": targets}
-        status = "unready" if self.draining else ("degraded" if degraded else "ready")
-        body = {
-            "status": status,
-            "timestamp": now,
-            "checks": {
-                "upstreams": upstreams,
-                "config": {"generation": runtime.generation, "file": str(self.config_path or ""), "loaded_at": runtime.loaded_at},
-            },
-        }
+        checks: dict[str, Any] = {"upstreams": upstreams}
+        unready = self.draining
+        for resource in runtime.context.resources.values():
+            if hasattr(resource, "readiness"):
+                name, check, level = resource.readiness()
+                checks[name] = check
+                degraded |= level == "degraded"
+                unready |= level == "unready"
+        checks["config"] = {"generation": runtime.generation, "file": str(self.config_path or ""), "loaded_at": runtime.loaded_at}
+        status = "unready" if unready else ("degraded" if degraded else "ready")
+        body = {"status": status, "timestamp": now, "checks": checks}
         return (503 if status == "unready" else 200), body
 
 

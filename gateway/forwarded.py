@@ -52,8 +52,9 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], listed: set[str]) -> CI
 class Forwarding:
     """Built once per config from listen.trusted_proxies."""
 
-    def __init__(self, trusted: Iterable[IPNetwork]) -> None:
+    def __init__(self, trusted: Iterable[IPNetwork], reserved: Iterable[str] = ()) -> None:
         self.trusted = tuple(trusted)
+        self.reserved = tuple(reserved)  # headers only the gateway sets: client copies dropped
 
     def is_trusted(self, address: str | None) -> bool:
         if not self.trusted or not address:
@@ -86,6 +87,8 @@ class Forwarding:
         headers = strip_hop_by_hop(incoming.items(), connection_listed(incoming) if "Connection" in incoming else set())
         headers.popall("Host", None)
         headers.popall("Expect", None)  # the gateway answers 100-continue itself
+        for name in self.reserved:
+            headers.popall(name, None)
         trusted = self.is_trusted(peer)
         host = incoming.get("Host", "")
         address = peer or "unknown"

@@ -99,6 +99,17 @@ class PolicyContext:
     store: "Store"
     clock: Callable[[], float] = time.monotonic
     extras: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    def shared(self, key: str, factory: Callable[[], Any]) -> Any:
+        """One object per config generation for every route's policy (a key set, a client).
+
+        The runtime starts each (``await start()``) before serving, asks it for ``readiness()``
+        when it has one, and closes it (``await close()``) when the generation retires.
+        """
+        if key not in self.resources:
+            self.resources[key] = factory()
+        return self.resources[key]
 
 
 class Policy:
@@ -117,6 +128,12 @@ class Policy:
     def __init__(self, settings: Any, context: PolicyContext) -> None:
         self.settings = settings
         self.context = context
+
+    @classmethod
+    def reserved_request_headers(cls, config: Any) -> tuple[str, ...]:
+        """Request headers only this policy may send upstream: client copies are removed on
+        every route, whether the policy runs there or not (e.g. the claims auth forwards)."""
+        return ()
 
     @classmethod
     def config_issues(cls, config: Any) -> list["ConfigIssue"]:
