@@ -83,6 +83,7 @@ def setup_logging(settings: "Logging", stream: IO[str] | None = None) -> None:
     logger.setLevel(settings.level.upper())
     logger.propagate = False
     if _listener is not None:
+        atexit.unregister(_listener.stop)  # QueueListener.stop may run only once
         _listener.stop()
     for handler in list(logger.handlers):
         logger.removeHandler(handler)

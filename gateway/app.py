@@ -39,19 +39,13 @@ from gateway.proxy import (
     send,
     tunnel_websocket,
 )
-from gateway.routing import BadPath, Route, Router, decoded_path, host_pattern, normalise_path, request_host, route_methods
+from gateway.routing import BadPath, Route, Router, decoded_path, host_pattern, is_preflight, normalise_path, request_host, route_methods
 from gateway.stores import MemoryStore, Store
 
 log = logging.getLogger("gateway")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # CONFIG.md, "Request id"
 GATEWAY_KEY = web.AppKey("gateway", "Gateway")
-
-
-def is_preflight(request: web.BaseRequest) -> bool:
-    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method (Fetch §3.2.2)."""
-    headers = request.headers
-    return request.method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
 
 
 def new_request_id() -> str:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from gateway.pipeline import Pipeline
     from gateway.proxy import Upstream
 
@@ -122,6 +124,12 @@ class Route:
             return prefix == "/" or path == prefix or path.startswith(prefix) and path[len(prefix)] == "/"
         assert self.regex is not None
         return self.regex.search(path) is not None
+
+
+def is_preflight(request: "web.BaseRequest") -> bool:
+    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method (Fetch §3.2.2)."""
+    headers = request.headers
+    return request.method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
 
 
 def route_methods(methods: tuple[str, ...] | None) -> frozenset[str] | None:

@@ -9,12 +9,16 @@ allowed under ``defaults``), validated by its ``settings_type``.
 from __future__ import annotations
 
 from gateway.pipeline import Policy
+from gateway.policies.auth import AuthPolicy
 from gateway.policies.cdn import CdnPolicy
+from gateway.policies.cors import CorsPolicy
 from gateway.policies.headers import SecurityHeadersPolicy
 
 # Response hooks run bottom-up: the cache stores what the upstream said, cdn sets caching
 # headers, security_headers may keep those (keep_upstream), and CORS answers last.
 POLICIES: tuple[type[Policy], ...] = (
+    CorsPolicy,
     SecurityHeadersPolicy,
     CdnPolicy,
+    AuthPolicy,
 )
