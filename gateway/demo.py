@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"  curl -i {base}/api/../api/artisans          # normalised to /api/artisans\n"
                 f"  curl -i -X DELETE {base}/api/artisans/1     # 405 with Allow\n"
                 f"  curl -i {base}/nowhere                      # a 404 problem+json with its request id\n"
+                f"  curl -i {base}/api/users/1                  # 401: this route needs a token\n"
+                f"  TOKEN=$(curl -s -X POST {base}/auth/token -d '{{\"user\": \"ada\"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')\n"
+                f"  curl -i {base}/api/users/1 -H \"Authorization: Bearer $TOKEN\"\n"
                 f"  curl -i -X OPTIONS {base}/api/products -H 'Origin: https://shop.example' -H 'Access-Control-Request-Method: POST'   # CORS preflight, answered by the gateway\n"
                 + (f"  curl -s http://{config.admin.host}:{config.admin.port}/readyz\n" if config.admin else "")
                 + "Ctrl-C stops both.\n",

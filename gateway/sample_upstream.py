@@ -3,6 +3,11 @@
 Plain JSON over aiohttp, data in memory, no authentication of its own (that is the gateway's
 job). Run it alone with ``python -m gateway.sample_upstream [--port 8081]``, or with the gateway
 in front of it with ``python -m gateway.demo``.
+
+It also stands in for an identity provider, so the gateway's JWT checks can be tried without
+one: ``/.well-known/jwks.json`` publishes an ES256 key made at start, and ``POST /auth/token``
+with ``{"user": "ada"}`` returns a token for a sample user (the issuer a real deployment has
+would do this after a login).
 """
 
 from __future__ import annotations
@@ -10,9 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
+import time
 from typing import Any
 
+import jwt
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 
 PRODUCTS = [
     {"id": 1, "name": "Walnut serving board", "price": 48.0, "artisan_id": 1, "featured": True},
@@ -29,6 +38,15 @@ USERS = [
     {"id": 1, "name": "Ada", "email": "ada@example.com"},
     {"id": 2, "name": "Lin", "email": "lin@example.com"},
 ]
+# Who may do what, as the sample issuer puts it in tokens.
+GRANTS = {
+    "ada": {"sub": "1", "email": "ada@example.com", "roles": ["user"], "scope": "profile:read profile:write"},
+    "lin": {"sub": "2", "email": "lin@example.com", "roles": ["user", "artisan"], "scope": "profile:read"},
+    "guest": {"sub": "99", "roles": [], "scope": ""},
+}
+ISSUER = "https://id.marketplace.example"
+AUDIENCE = "marketplace-api"
+TOKEN_LIFETIME = 3600
 
 COLLECTIONS = web.AppKey("collections", dict)
 
@@ -85,7 +103,30 @@ def make_app() -> web.Application:
             }
         )
 
+    signing_key = ec.generate_private_key(ec.SECP256R1())
+    public_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signing_key.public_key()))
+    public_jwk.update({"kid": "sample-1", "alg": "ES256", "use": "sig"})
+
+    async def jwks(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [public_jwk]}, headers={"Cache-Control": "public, max-age=300"})
+
+    async def token(request: web.Request) -> web.Response:
+        """A token for a sample user: {"user": "ada" | "lin" | "guest"}."""
+        try:
+            document = await request.json()
+        except ValueError:
+            document = None
+        grant = GRANTS.get(document.get("user")) if isinstance(document, dict) else None
+        if grant is None:
+            return web.json_response({"error": f"expected {{\"user\": one of {sorted(GRANTS)}}}"}, status=400)
+        now = int(time.time())
+        claims = {**grant, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + TOKEN_LIFETIME}
+        access_token = jwt.encode(claims, signing_key, algorithm="ES256", headers={"kid": "sample-1"})
+        return web.json_response({"access_token": access_token, "token_type": "Bearer", "expires_in": TOKEN_LIFETIME})
+
     kinds = "{kind:products|artisans|users|orders}"
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_post("/auth/token", token)
     app.router.add_get("/health", health)
     app.router.add_get("/api/products/featured", featured)
     app.router.add_get(f"/api/{kinds}", listing)

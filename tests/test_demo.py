@@ -16,9 +16,11 @@ import urllib.request
 from tests.conftest import ROOT, free_port
 
 
-def fetch(url: str) -> tuple[int, dict]:
+def fetch(url: str, headers: dict[str, str] | None = None, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={**(headers or {}), **({"Content-Type": "application/json"} if data else {})})
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.status, json.load(resp)
     except urllib.error.HTTPError as exc:
         return exc.code, json.load(exc)
@@ -50,6 +52,17 @@ def test_the_demo_serves_the_sample_api_through_the_gateway_and_stops_cleanly():
         assert status == 404 and problem["type"].endswith("/no-route")
         status, ready = fetch(f"http://127.0.0.1:{ports['GATEWAY_ADMIN_PORT']}/readyz")
         assert status == 200 and ready["status"] in ("ready", "degraded")
+        assert ready["checks"]["jwks"][f"http://127.0.0.1:{ports['SAMPLE_UPSTREAM_PORT']}/.well-known/jwks.json"]["status"] == "fresh"
+        # The sample issuer's token opens the users route; without one it is a 401.
+        status, problem = fetch(base + "/api/users/1")
+        assert status == 401 and problem["status"] == 401
+        status, issued = fetch(base + "/auth/token", body={"user": "ada"})
+        assert status == 200
+        bearer = {"Authorization": f"Bearer {issued['access_token']}", "X-User-Id": "2"}
+        status, user = fetch(base + "/api/users/1", bearer)
+        assert status == 200 and user["name"] == "Ada"
+        status, echoed = fetch(base + "/api/echo", bearer)
+        assert echoed["headers"]["X-User-Id"] == "1"  # from the token, not the client's header
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(30) == 0
     finally:
