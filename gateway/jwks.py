@@ -109,7 +109,9 @@ class JwksKeys:
         while True:
             wait = self.expires_at - self.clock()
             if self.fetched_at is None or self.last_error is not None:
-                wait = min(max(wait, 0.0), self.settings.retry_interval)
+                # The keys are past due (or never came): expires_at lies behind, so without this
+                # a failing endpoint would be asked again every 50ms instead of every retry_interval.
+                wait = self.settings.retry_interval
             await asyncio.sleep(max(wait, 0.05))
             await self.refresh()
 
@@ -128,10 +130,14 @@ class JwksKeys:
             async with self._session.get(self.url, allow_redirects=False) as response:
                 if response.status != 200:
                     raise ValueError(f"HTTP {response.status}")
-                body = await response.content.read(MAX_JWKS_BYTES + 1)
-                if len(body) > MAX_JWKS_BYTES:
-                    raise ValueError("the key set is larger than 1 MiB")
-                keys = self._parse(body)
+                # content.read(n) returns what has arrived so far, not the whole body: a chunked
+                # or slow answer would be cut short. Read to the end, bounded.
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise ValueError("the key set is larger than 1 MiB")
+                keys = self._parse(bytes(body))
                 ttl = self._ttl(response.headers.get("Cache-Control", ""))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             reason = str(exc) or type(exc).__name__
@@ -152,7 +158,7 @@ class JwksKeys:
             document = json.loads(body)
             entries = document["keys"]
             assert isinstance(entries, list)
-        except (ValueError, KeyError, TypeError, AssertionError):
+        except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
             raise ValueError("not a JWKS document (a JSON object with a 'keys' list)") from None
         keys: dict[str | None, tuple[Any, str | None]] = {}
         for data in entries:
@@ -184,12 +190,13 @@ class JwksKeys:
         KeyUnavailable when the endpoint has never answered (the gateway cannot decide).
         """
         found = self._lookup(kid, algorithm)
-        if found is not None or kid is None:
-            if found is None and self.fetched_at is None:
-                raise KeyUnavailable(self.url)
+        if found is not None:
             return found
         now = self.clock()
-        if kid not in self.keys and now - self._last_unknown_kid_fetch >= self.settings.unknown_kid_interval:
+        # A kid the set lacks (or no kid, with no single fitting key) may mean the issuer rotated.
+        # A known kid whose key does not fit the algorithm is refused without asking again.
+        unknown = kid is None or kid not in self.keys
+        if unknown and now - self._last_unknown_kid_fetch >= self.settings.unknown_kid_interval:
             self._last_unknown_kid_fetch = now
             await self.refresh()
             found = self._lookup(kid, algorithm)

@@ -30,12 +30,12 @@ import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-from urllib.parse import parse_qsl, quote, urlencode
+from typing import Annotated, Any, ClassVar, Literal, Union
+from urllib.parse import quote, unquote_plus
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from gateway.errors import DependencyUnavailable
@@ -145,10 +145,31 @@ class TokenSources(Settings):
     max_size: Size = Field(8192, gt=0, description="longer tokens are refused (401) before any parsing")
 
 
+def _issuer_form(value: Any) -> str:
+    return "issuers[many]" if isinstance(value, (list, tuple)) else ("issuers[off]" if value is None else "issuers[one]")
+
+
+def _any_of(schema: dict[str, Any]) -> None:
+    schema["anyOf"] = schema.pop("oneOf")  # the schema stays what it was before the tags
+
+
+# Tagged by the value's shape, so a bad single issuer is reported once at its key path, not
+# also as "auth.jwt: expected a list" (and a bad list not also as "expected a mapping"). The
+# tags hold "[" so that config errors leave them out of the key path, as other non-keys.
+Issuers = Annotated[
+    Union[
+        Annotated[IssuerSettings, Tag("issuers[one]")],
+        Annotated[tuple[IssuerSettings, ...], Tag("issuers[many]")],
+        Annotated[None, Tag("issuers[off]")],
+    ],
+    Discriminator(_issuer_form),
+]
+
+
 class AuthGlobal(Settings):
     """The top-level ``auth`` block."""
 
-    jwt: IssuerSettings | tuple[IssuerSettings, ...] | None = Field(None, description="one issuer, or a list chosen by the token's iss")
+    jwt: Issuers = Field(None, description="one issuer, or a list chosen by the token's iss", json_schema_extra=_any_of)
     token: TokenSources = TokenSources()
     forward_authorization: bool = Field(True, description="send the client's Authorization header on to the upstream")
     cache_size: int = Field(10000, ge=0, description="verified tokens remembered until their exp (0: verify every time)")
@@ -266,7 +287,11 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise TokenRejected(f"malformed: {exc}") from None
         algorithm = header.get("alg")
-        issuer = self.single or self.by_name.get(unverified.get("iss"))  # type: ignore[arg-type]
+        iss = unverified.get("iss")
+        if not isinstance(algorithm, str) or not isinstance(iss, (str, type(None))):
+            # A list or object here would be unhashable below: a 401, never a 500.
+            raise TokenRejected("alg or iss is not a string")
+        issuer = self.single or self.by_name.get(iss)  # type: ignore[arg-type]
         if issuer is None:
             raise TokenRejected("unknown issuer")
         if algorithm not in issuer.algorithms:
@@ -394,7 +419,8 @@ class AuthPolicy(Policy):
         if self.scopes and not self.scopes <= as_set(read_claim(claims, issuer.scopes_claim)):
             return self._deny(exchange, 403, "missing scope", INSUFFICIENT_SCOPE)
         for name, expected in self.claims:
-            if read_claim(claims, name) != expected:
+            value = read_claim(claims, name)
+            if type(value) is not type(expected) or value != expected:  # true is not 1
                 return self._deny(exchange, 403, f"claim {name} does not match", INSUFFICIENT_SCOPE)
         subject = claims.get(issuer.subject_claim)
         exchange.subject = str(subject) if subject is not None else None
@@ -409,6 +435,8 @@ class AuthPolicy(Policy):
 
     def _token(self, exchange: Exchange) -> str | None:
         request = exchange.request
+        # Taken out of the query first, whichever source wins: it is never forwarded.
+        from_query = self._token_from_query(exchange) if self.query is not None and exchange.query else None
         if self.from_header:
             authorization = request.headers.get("Authorization")
             if authorization is not None:
@@ -419,14 +447,21 @@ class AuthPolicy(Policy):
             value = request.cookies.get(self.cookie)
             if value:
                 return value
-        if self.query is not None and exchange.query:
-            pairs = parse_qsl(exchange.query, keep_blank_values=True)
-            for name, value in pairs:
-                if name == self.query and value:
-                    # The token is not sent on: upstream access logs keep URLs.
-                    exchange.query = urlencode([(n, v) for n, v in pairs if n != self.query])
-                    return value
-        return None
+        return from_query
+
+    def _token_from_query(self, exchange: Exchange) -> str | None:
+        """The token parameter's value; the parameter is removed from the forwarded query
+        (upstream access logs keep URLs), the rest of the query is left byte for byte."""
+        token = None
+        kept = []
+        for part in exchange.query.split("&"):
+            name, _, value = part.partition("=")
+            if unquote_plus(name) == self.query:
+                token = token or unquote_plus(value) or None
+            else:
+                kept.append(part)
+        exchange.query = "&".join(kept)
+        return token
 
     def _deny(self, exchange: Exchange, status: int, reason: str, challenge: str) -> Reply:
         exchange.notes["auth"] = reason
