@@ -36,6 +36,7 @@ ACCESS_FIELDS = (
     "duration_ms",
     "bytes_in",
     "bytes_out",
+    "user",  # the authenticated subject, when an auth policy verified one
 )
 # LogRecord attributes that are not extra fields.
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -127,6 +128,7 @@ class AccessLog:
                 round((time.perf_counter() - exchange.started) * 1000, 3),
                 exchange.bytes_in,
                 exchange.bytes_out,
+                exchange.subject,
                 exchange.notes or None,
             )
         )

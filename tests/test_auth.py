@@ -825,3 +825,20 @@ def test_a_bad_auth_config_is_an_error_at_its_key_path(auth: Any, path: str, mes
     assert message in issues[path]
     # The single-issuer form is not also reported as a failed list (and the other way round).
     assert not any(m.startswith(("expected a list", "expected a mapping")) for m in issues.values()), issues
+
+
+async def test_the_access_log_names_the_user_and_why_a_token_was_refused(keys, upstream, start_gateway, client) -> None:
+    import io
+    import json
+
+    from gateway.access_log import AccessLog
+
+    stream = io.StringIO()
+    access_log = AccessLog(True, True, stream)
+    gateway = await start_gateway(auth_config(upstream, jwks_issuer(keys.url)), access_log=access_log)
+    assert (await fetch(client, gateway.url + "/", mint(RSA_KEY, sub="ada"))).status == 200
+    assert (await fetch(client, gateway.url + "/", mint(RSA_KEY, exp=int(time.time()) - 600))).status == 401
+    access_log.close()
+    allowed, refused = (json.loads(line) for line in stream.getvalue().strip().splitlines()[-2:])
+    assert allowed["user"] == "ada" and allowed["status"] == 200
+    assert refused["user"] is None and refused["status"] == 401 and refused["auth"] == "ExpiredSignatureError"
