@@ -40,7 +40,7 @@ from gateway.proxy import (
     tunnel_websocket,
 )
 from gateway.routing import BadPath, Route, Router, decoded_path, host_pattern, is_preflight, normalise_path, request_host, route_methods
-from gateway.stores import MemoryStore, Store
+from gateway.stores import MemoryStore, Store, make_store
 
 log = logging.getLogger("gateway")
 
@@ -137,7 +137,7 @@ class Gateway:
             policies = POLICIES
         self.policies = policies
         self.config_path = config_path
-        self.store = store or MemoryStore(clock=clock)
+        self.store = store or (make_store(config) if config.redis is not None else MemoryStore(clock=clock))
         self.access_log = access_log or AccessLog(config.logging.access_log, config.logging.format == "json")
         self.runtime = Runtime(config, 1, self.store, policies)
         self.draining = False
@@ -175,7 +175,7 @@ class Gateway:
             log.error("config reload refused; the running config stays", extra={"error": str(exc)})
             return False
         old = self.runtime
-        for key in ("listen", "workers", "admin"):
+        for key in ("listen", "workers", "admin", "redis"):
             if getattr(config, key) != getattr(old.config, key):
                 log.warning("config reload: a change to %r takes effect at the next restart", key)
         runtime = Runtime(config, old.generation + 1, self.store, self.policies)

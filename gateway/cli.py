@@ -56,7 +56,13 @@ def describe(path: str, config: GatewayConfig, out: TextIO) -> None:
     listen = config.listen
     admin = f"{config.admin.host}:{config.admin.port}" if config.admin else "off"
     out.write(f"{path}: OK — {len(config.routes)} route(s), {len(config.upstreams)} upstream(s)\n")
-    out.write(f"listen {listen.host}:{listen.port}  admin {admin}  workers {worker_count(config)}  store memory (embedded, per process)\n")
+    redis = config.redis
+    if redis is None:
+        store = "memory (embedded, per process)"
+    else:
+        where = redis.url or (f"cluster {', '.join(redis.cluster_nodes)}" if redis.cluster_nodes else f"sentinel {redis.sentinel.master}")
+        store = f"redis {where} (timeout {redis.timeout * 1000:g}ms, pool {redis.pool_size}, on_failure {redis.on_failure})"
+    out.write(f"listen {listen.host}:{listen.port}  admin {admin}  workers {worker_count(config)}  store {store}\n")
     out.write("\nroutes (first match wins):\n")
     for index, route in enumerate(config.routes):
         match = route.match

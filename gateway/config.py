@@ -162,6 +162,35 @@ class Match(Settings):
         return self
 
 
+RedisURL = Annotated[str, Field(pattern=r"^(redis|rediss|unix)://", json_schema_extra={"format": "uri"})]
+
+
+class Sentinel(Settings):
+    master: str = Field(description="the name Sentinel knows the master by")
+    nodes: tuple[RedisURL, ...] = Field(min_length=1, description="Sentinel addresses, e.g. redis://10.0.0.5:26379")
+
+
+class Redis(Settings):
+    """Shared state for rate limits and the cache; without this block an embedded memory store serves."""
+
+    url: RedisURL | None = Field(None, description="redis://, rediss:// or unix://")
+    cluster_nodes: tuple[RedisURL, ...] | None = Field(None, description="Redis Cluster startup nodes, instead of url")
+    sentinel: Sentinel | None = Field(None, description="a master found through Sentinel, instead of url")
+    key_prefix: str = Field("gw:", description="every key the gateway writes starts with this")
+    timeout: Duration = Field(0.05, gt=0, description="per command; slower counts as a failure")
+    pool_size: int = Field(50, gt=0, description="connections per gateway process")
+    on_failure: Literal["memory", "allow", "deny"] = Field(
+        "memory", description="when Redis fails: enforce the limits per process (memory), let requests through (allow) or answer 503 (deny)"
+    )
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> "Redis":
+        given = [name for name in ("url", "cluster_nodes", "sentinel") if getattr(self, name)]
+        if len(given) != 1:
+            raise PydanticCustomError("redis", "give exactly one of url, cluster_nodes or sentinel, got {got}", {"got": ", ".join(given) or "none"})
+        return self
+
+
 class Logging(Settings):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -198,6 +227,7 @@ class GatewayConfigBase(Settings):
     workers: Workers = 1
     admin: switchable(Admin) = Admin()  # type: ignore[valid-type]
     upstreams: Annotated[dict[Annotated[str, Field(pattern=NAME_PATTERN)], Upstream], AfterValidator(MappingProxyType)] = Field(min_length=1)
+    redis: Redis | None = None
     logging: Logging = Logging()
 
     def route_blocks(self) -> dict[str, Any]:  # overridden by config_model

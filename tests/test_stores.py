@@ -17,7 +17,11 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.stores import MemoryStore, Store
+from gateway.config import Redis
+from gateway.stores import Hit, MemoryStore, Outcome, Store
+from gateway.stores.algorithms import keys_for
+from gateway.stores.redis import RedisStore
+from tests.conftest import RedisServer
 
 
 class FakeClock:
@@ -34,7 +38,6 @@ class FakeClock:
 class StoreUnderTest:
     store: Store
     advance: Callable[[float], Awaitable[None]]  # make `seconds` pass for the store
-    bounded: bool  # honours max_entries with least-recently-used eviction
 
 
 StoreFactory = Callable[..., Awaitable[StoreUnderTest]]  # (max_entries: int | None = None)
@@ -47,19 +50,35 @@ async def memory_store(max_entries: int | None = None) -> StoreUnderTest:
         clock.now += seconds
 
     store = MemoryStore(clock=clock) if max_entries is None else MemoryStore(max_entries=max_entries, clock=clock)
-    return StoreUnderTest(store, advance, bounded=True)
+    return StoreUnderTest(store, advance)
 
 
-# One entry per implementation; a Redis store is one more pytest.param here.
-STORES = [pytest.param(memory_store, id="memory")]
+async def redis_store(max_entries: int | None = None, *, server: RedisServer) -> StoreUnderTest:
+    store = RedisStore(Redis(url=server.url, timeout=2.0, key_prefix="test:"))
+    await store.client.flushdb()
+
+    async def advance(seconds: float) -> None:
+        # Redis keeps its own time: age every key by lowering its PTTL (deleting those at zero).
+        async for key in store.client.scan_iter(match="test:*"):
+            pttl = await store.client.pttl(key)
+            if pttl > 0:
+                left = pttl - int(seconds * 1000)
+                await (store.client.pexpire(key, left) if left > 0 else store.client.delete(key))
+
+    return StoreUnderTest(store, advance)
+
+
+# One entry per implementation.
+STORES = [pytest.param(memory_store, id="memory"), pytest.param(redis_store, id="redis")]
 
 
 @pytest.fixture(params=STORES)
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
     made: list[StoreUnderTest] = []
+    extra = {"server": request.getfixturevalue("redis_server")} if request.param is redis_store else {}
 
     async def make(max_entries: int | None = None) -> StoreUnderTest:
-        subject = await request.param(max_entries)
+        subject = await request.param(max_entries, **extra)
         made.append(subject)
         return subject
 
@@ -71,13 +90,6 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFacto
 @pytest.fixture
 async def subject(make_store: StoreFactory) -> StoreUnderTest:
     return await make_store()
-
-
-async def bounded(make_store: StoreFactory, max_entries: int) -> StoreUnderTest:
-    subject = await make_store(max_entries)
-    if not subject.bounded:
-        pytest.skip(f"{subject.store.name} bounds memory by its own configuration, not max_entries")
-    return subject
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,16 +224,16 @@ async def test_a_store_names_itself_and_says_whether_it_is_shared(subject: Store
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_max_entries_bounds_the_number_of_keys_kept(make_store: StoreFactory) -> None:
-    subject = await bounded(make_store, max_entries=10)
+async def test_max_entries_bounds_the_number_of_keys_kept() -> None:
+    subject = await memory_store(max_entries=10)  # bounding by count is the memory store's duty
     for index in range(1000):
         await subject.store.set(f"key:{index}", str(index).encode(), ttl=3600)
     kept = [index for index in range(1000) if await subject.store.get(f"key:{index}") is not None]
     assert kept == list(range(990, 1000))
 
 
-async def test_the_least_recently_used_key_is_evicted_first(make_store: StoreFactory) -> None:
-    subject = await bounded(make_store, max_entries=3)
+async def test_the_least_recently_used_key_is_evicted_first() -> None:
+    subject = await memory_store(max_entries=3)  # bounding by count is the memory store's duty
     store = subject.store
     await store.set("a", b"a", ttl=60)
     await store.set("b", b"b", ttl=60)
@@ -232,8 +244,8 @@ async def test_the_least_recently_used_key_is_evicted_first(make_store: StoreFac
     assert [await store.get(key) for key in ("a", "c", "d")] == [b"a", b"c", b"d"]
 
 
-async def test_counters_count_against_the_bound_and_an_increment_is_a_use(make_store: StoreFactory) -> None:
-    subject = await bounded(make_store, max_entries=2)
+async def test_counters_count_against_the_bound_and_an_increment_is_a_use() -> None:
+    subject = await memory_store(max_entries=2)  # bounding by count is the memory store's duty
     store = subject.store
     assert await store.incr("first", 1, ttl=60) == 1
     await store.set("second", b"2", ttl=60)
@@ -244,10 +256,110 @@ async def test_counters_count_against_the_bound_and_an_increment_is_a_use(make_s
     assert await store.incr("first", 1, ttl=60) == 3
 
 
-async def test_replacing_a_key_does_not_evict_another(make_store: StoreFactory) -> None:
-    subject = await bounded(make_store, max_entries=2)
+async def test_replacing_a_key_does_not_evict_another() -> None:
+    subject = await memory_store(max_entries=2)  # bounding by count is the memory store's duty
     store = subject.store
     await store.set("a", b"1", ttl=60)
     await store.set("b", b"1", ttl=60)
     await store.set("a", b"2", ttl=60)
     assert (await store.get("a"), await store.get("b")) == (b"2", b"1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rate-limit decisions: the same algorithms in every store
+# ---------------------------------------------------------------------------------------------
+
+
+class Timeline:
+    """The caller's clock (what the gateway passes as now_ms), moved together with the store's."""
+
+    def __init__(self, subject: StoreUnderTest, start_ms: int = 1_800_000_000_000) -> None:
+        self.subject = subject
+        self.now = start_ms
+
+    async def advance(self, ms: int) -> None:
+        self.now += ms
+        await self.subject.advance(ms / 1000)
+
+    async def hit(self, *hits: Hit) -> list[Outcome]:
+        return await self.subject.store.hit(hits, self.now)
+
+    async def admitted(self, limit: Hit, attempts: int) -> int:
+        return sum([(await self.hit(limit))[0].allowed for _ in range(attempts)])
+
+
+def limit(algorithm: str, name: str, limit: int, window_ms: int, burst: int = 0, now: int = 0) -> Hit:
+    return Hit(algorithm, keys_for(algorithm, "{t}:" + name, window_ms, now), limit, window_ms, burst)  # type: ignore[arg-type]
+
+
+async def test_a_fixed_window_admits_the_limit_then_refuses_until_it_ends(subject: StoreUnderTest) -> None:
+    time = Timeline(subject)
+    window = limit("fixed_window", "fw", 3, 10_000)
+    outcomes = [(await time.hit(window))[0] for _ in range(4)]
+    assert [o.allowed for o in outcomes] == [True, True, True, False]
+    assert [o.remaining for o in outcomes] == [2, 1, 0, 0]
+    assert outcomes[3].retry_ms == outcomes[3].reset_ms and 9_900 <= outcomes[3].retry_ms <= 10_000
+    await time.advance(6_000)
+    assert (await time.hit(window))[0].allowed is False  # the window started with the first request
+    await time.advance(4_100)
+    assert await time.admitted(window, 5) == 3
+
+
+async def test_a_sliding_window_has_no_double_burst_at_the_window_edge(subject: StoreUnderTest) -> None:
+    time = Timeline(subject)  # start_ms is a multiple of the window: the window starts now
+    await time.advance(9_900)
+    assert await time.admitted(limit("sliding_window", "sw", 10, 10_000, now=time.now), 10) == 10
+    await time.advance(200)  # a new window; the last one still weighs 98%
+    assert await time.admitted(limit("sliding_window", "sw", 10, 10_000, now=time.now), 10) == 0
+    await time.advance(5_000)  # 51% of the previous window has slid out: it weighs 4.9
+    assert await time.admitted(limit("sliding_window", "sw", 10, 10_000, now=time.now), 10) == 5
+
+
+async def test_a_sliding_window_says_when_to_retry_and_is_right(subject: StoreUnderTest) -> None:
+    time = Timeline(subject)
+    assert await time.admitted(limit("sliding_window", "sw", 4, 1_000, now=time.now), 4) == 4
+    await time.advance(1_100)  # the previous window still weighs 90%: 3.6 of 4
+    denied = (await time.hit(limit("sliding_window", "sw", 4, 1_000, now=time.now)))[0]
+    assert not denied.allowed and denied.retry_ms > 0
+    await time.advance(denied.retry_ms - 20)
+    assert not (await time.hit(limit("sliding_window", "sw", 4, 1_000, now=time.now)))[0].allowed
+    await time.advance(20)
+    assert (await time.hit(limit("sliding_window", "sw", 4, 1_000, now=time.now)))[0].allowed
+
+
+async def test_a_token_bucket_allows_a_burst_then_the_steady_rate(subject: StoreUnderTest) -> None:
+    time = Timeline(subject)
+    bucket = limit("token_bucket", "tb", 10, 10_000, burst=3)  # one per second, three at once
+    outcomes = [(await time.hit(bucket))[0] for _ in range(4)]
+    assert [o.allowed for o in outcomes] == [True, True, True, False]
+    assert [o.remaining for o in outcomes] == [2, 1, 0, 0]
+    assert outcomes[3].retry_ms == 1_000
+    await time.advance(999)
+    assert not (await time.hit(bucket))[0].allowed
+    await time.advance(1)
+    assert (await time.hit(bucket))[0].allowed
+    await time.advance(10_000)  # a long pause refills the bucket to its burst, not beyond
+    assert await time.admitted(bucket, 5) == 3
+
+
+async def test_a_denied_request_consumes_none_of_the_other_limits(subject: StoreUnderTest) -> None:
+    time = Timeline(subject)
+    wide = limit("fixed_window", "wide", 100, 60_000)
+    narrow = limit("token_bucket", "narrow", 2, 60_000, burst=2)
+    for _ in range(5):
+        await time.hit(wide, narrow)
+    outcomes = await time.hit(wide, narrow)
+    assert [o.allowed for o in outcomes] == [True, False]
+    assert outcomes[0].remaining == 97  # only the two admitted requests counted
+
+
+async def test_every_rate_limit_key_expires(subject: StoreUnderTest) -> None:
+    time = Timeline(subject)
+    hits = [limit("fixed_window", "a", 5, 1_000), limit("sliding_window", "b", 5, 1_000, now=time.now), limit("token_bucket", "c", 5, 1_000)]
+    await time.hit(*hits)
+    await time.advance(2_100)  # two windows: nothing is left of any of them
+    fresh = await time.hit(limit("fixed_window", "a", 5, 1_000), limit("sliding_window", "b", 5, 1_000, now=time.now), limit("token_bucket", "c", 5, 1_000))
+    assert [o.remaining for o in fresh] == [4, 4, 4]
+    if isinstance(subject.store, RedisStore):
+        keys = [key async for key in subject.store.client.scan_iter(match="test:*")]
+        assert keys and all([await subject.store.client.pttl(key) > 0 for key in keys])

@@ -7,6 +7,37 @@ their backend's own errors once, here at the boundary, so policies never import 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+Algorithm = Literal["fixed_window", "sliding_window", "token_bucket"]
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One limit of one request, as the store decides it (times in milliseconds).
+
+    ``keys`` are the store keys the algorithm keeps its state in: one, or for sliding_window the
+    current and the previous window's (the caller names them, so every key a script touches is
+    declared, as Redis Cluster wants). Keys of one decision share a hash tag.
+    """
+
+    algorithm: Algorithm
+    keys: tuple[str, ...]
+    limit: int
+    window_ms: int
+    burst: int = 0  # token_bucket: how many requests may come at once (0: the limit)
+    cost: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a store decided for one limit (milliseconds)."""
+
+    allowed: bool
+    remaining: int
+    reset_ms: int  # until the limit is fully available again (the window ends, the bucket refills)
+    retry_ms: int  # until this request would be allowed; 0 when it is
 
 
 class Store(ABC):
@@ -30,6 +61,15 @@ class Store(ABC):
     @abstractmethod
     async def incr(self, key: str, amount: int, ttl: float) -> int:
         """Add to a counter and return the new value; a new counter expires after ttl seconds."""
+
+    @abstractmethod
+    async def hit(self, hits: Sequence[Hit], now_ms: int) -> list[Outcome]:
+        """Decide every limit of one request in one atomic step.
+
+        When every limit allows, each consumes its cost; when any denies, none consumes anything
+        (a denied request does not use up the other limits). ``now_ms`` is the caller's wall
+        clock, so every gateway instance and every store count in the same time.
+        """
 
     @abstractmethod
     async def ping(self) -> float:

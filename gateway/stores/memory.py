@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable, Sequence
 
-from gateway.stores.base import Store
+from gateway.stores.algorithms import CHECKS, state_ttl_ms
+from gateway.stores.base import Hit, Outcome, Store
 
 DEFAULT_MAX_ENTRIES = 100_000
 
@@ -22,12 +23,12 @@ class MemoryStore(Store):
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries = max_entries
         self.clock = clock
-        self._entries: OrderedDict[str, tuple[float, bytes | int]] = OrderedDict()  # key → (expires, value)
+        self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()  # key → (expires, value)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _live(self, key: str) -> bytes | int | None:
+    def _live(self, key: str) -> Any:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -37,7 +38,7 @@ class MemoryStore(Store):
         self._entries.move_to_end(key)
         return entry[1]
 
-    def _put(self, key: str, expires: float, value: bytes | int) -> None:
+    def _put(self, key: str, expires: float, value: Any) -> None:
         self._entries[key] = (expires, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
@@ -68,6 +69,14 @@ class MemoryStore(Store):
             value = amount
         self._put(key, expires, value)
         return value
+
+    async def hit(self, hits: Sequence[Hit], now_ms: int) -> list[Outcome]:
+        checks = [CHECKS[hit.algorithm](self._live, hit, now_ms) for hit in hits]
+        if all(outcome.allowed for outcome, _ in checks):
+            clock = self.clock()
+            for hit, (_, state) in zip(hits, checks):
+                self._put(hit.keys[0], clock + state_ttl_ms(hit, state, now_ms) / 1000, state)
+        return [outcome for outcome, _ in checks]
 
     async def ping(self) -> float:
         return 0.0

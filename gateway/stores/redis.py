@@ -1,0 +1,128 @@
+"""The Redis store: one server (``redis.url``), Redis Cluster (``cluster_nodes``) or Sentinel.
+
+redis-py's asyncio client with hiredis. Every call is bounded by ``redis.timeout`` and goes
+through a circuit breaker, so a dead or slow Redis costs one timeout per probe, not one per
+request. Errors are wrapped once, here, as DependencyUnavailable: policies never import redis.
+
+Rate-limit decisions are one Lua script (the algorithms in ``lua/*.lua`` and ``lua/decide.lua``,
+joined), registered once and called with EVALSHA; redis-py reloads it on NOSCRIPT (after a
+restart or SCRIPT FLUSH). Every key the script touches is passed in KEYS, and the keys of one
+decision share a ``{hash tag}``, so the same script runs on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from gateway.errors import DependencyUnavailable
+from gateway.stores.base import Hit, Outcome, Store
+from gateway.stores.breaker import CircuitBreaker
+
+LUA = Path(__file__).with_name("lua")
+DECIDE_SCRIPT = "local ALGORITHMS = {}\n" + "\n".join(
+    (LUA / name).read_text() for name in ("fixed_window.lua", "sliding_window.lua", "token_bucket.lua", "decide.lua")
+)
+# INCRBY that gives a new counter its TTL (and only a new one), in one step.
+INCR_SCRIPT = """
+local value = redis.call("INCRBY", KEYS[1], ARGV[1])
+if redis.call("PTTL", KEYS[1]) == -1 then redis.call("PEXPIRE", KEYS[1], ARGV[2]) end
+return value
+"""
+CONNECT_TIMEOUT = 1.0  # a new connection may take longer than one command
+
+T = TypeVar("T")
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parsed = aioredis.connection.parse_url(url)
+    return parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379))
+
+
+def make_client(settings: Any) -> Any:
+    """A redis-py asyncio client for the configured topology."""
+    timeouts = {"socket_timeout": settings.timeout, "socket_connect_timeout": max(settings.timeout, CONNECT_TIMEOUT)}
+    if settings.cluster_nodes:
+        nodes = [ClusterNode(*_host_port(url)) for url in settings.cluster_nodes]
+        return RedisCluster(startup_nodes=nodes, max_connections=settings.pool_size, **timeouts)
+    if settings.sentinel is not None:
+        sentinel = Sentinel([_host_port(url) for url in settings.sentinel.nodes], **timeouts)
+        return sentinel.master_for(settings.sentinel.master, **timeouts)
+    # A blocking pool waits (up to the command timeout) for a free connection instead of failing
+    # at once when more commands are in flight than pool_size (redis-py's default pool does).
+    pool = aioredis.BlockingConnectionPool.from_url(settings.url, max_connections=settings.pool_size, timeout=settings.timeout, **timeouts)
+    return aioredis.Redis(connection_pool=pool)
+
+
+class RedisStore(Store):
+    name = "redis"
+    shared = True
+
+    def __init__(self, settings: Any, client: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self.timeout = settings.timeout
+        self.client = client if client is not None else make_client(settings)
+        self.breaker = CircuitBreaker("redis", clock=clock)
+        self._decide = self.client.register_script(DECIDE_SCRIPT)
+        self._incr = self.client.register_script(INCR_SCRIPT)
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.allow():
+            raise DependencyUnavailable("redis is unavailable (circuit open)")
+        try:
+            result = await asyncio.wait_for(call(), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.breaker.failed(reason)
+            raise DependencyUnavailable(f"redis: {reason}") from exc
+        self.breaker.succeeded()
+        return result
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call(lambda: self.client.get(self._key(key)))
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        await self._call(lambda: self.client.set(self._key(key), value, px=max(int(ttl * 1000), 1)))
+
+    async def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        if isinstance(self.client, RedisCluster):
+            # Keys of different slots cannot go in one DEL on a cluster.
+            counts = [await self._call(lambda k=k: self.client.delete(self._key(k))) for k in keys]
+            return sum(counts)
+        return await self._call(lambda: self.client.delete(*(self._key(k) for k in keys)))
+
+    async def incr(self, key: str, amount: int, ttl: float) -> int:
+        return int(await self._call(lambda: self._incr(keys=[self._key(key)], args=[amount, max(int(ttl * 1000), 1)])))
+
+    async def hit(self, hits: Sequence[Hit], now_ms: int) -> list[Outcome]:
+        keys: list[str] = []
+        args: list[Any] = [now_ms]
+        for hit in hits:
+            keys.extend(self._key(k) for k in hit.keys)
+            args.extend((hit.algorithm, len(hit.keys), hit.limit, hit.window_ms, hit.burst, hit.cost))
+        raw = await self._call(lambda: self._decide(keys=keys, args=args))
+        return [Outcome(bool(raw[i]), int(raw[i + 1]), int(raw[i + 2]), int(raw[i + 3])) for i in range(0, len(raw), 4)]
+
+    async def ping(self) -> float:
+        started = time.perf_counter()
+        await self._call(self.client.ping)
+        return time.perf_counter() - started
+
+    async def close(self) -> None:
+        if isinstance(self.client, aioredis.Redis):
+            await self.client.aclose(close_connection_pool=True)  # the pool is ours, not the client's
+        else:
+            await self.client.aclose()
