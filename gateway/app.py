@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -68,8 +69,9 @@ class Runtime:
         self.context = context = PolicyContext(config=config, store=store)
         by_name = {policy.name: policy for policy in policies}
 
-        def pipeline(blocks: dict[str, Any]) -> Pipeline:
-            return Pipeline([by_name[name](settings, context) for name, settings in blocks.items()])
+        def pipeline(blocks: dict[str, Any], route: str | None) -> Pipeline:
+            own = dataclasses.replace(context, route=route)  # the same shared resources
+            return Pipeline([by_name[name](settings, own) for name, settings in blocks.items()])
 
         routes = []
         for settings in config.routes:
@@ -78,7 +80,7 @@ class Runtime:
                 Route(
                     name=settings.name,
                     upstream=self.upstreams[settings.upstream],
-                    pipeline=pipeline(effective_blocks(config, settings)),
+                    pipeline=pipeline(effective_blocks(config, settings), settings.name),
                     prefix=match.path,
                     regex=match.path_regex,
                     methods=route_methods(match.methods),
@@ -88,7 +90,7 @@ class Runtime:
             )
         self.router = Router(routes)
         # Requests no route takes still get the defaults' response policies (headers on a 404).
-        self.unrouted = pipeline({n: b for n, b in effective_blocks(config, config.defaults).items()})
+        self.unrouted = pipeline(effective_blocks(config, config.defaults), None)
         global_headers = getattr(config, "security_headers", None)
         self.server_header: str | None = (global_headers.server or None) if global_headers is not None else None
         self.in_flight = 0

@@ -49,6 +49,7 @@ class Exchange:
         "bytes_in",
         "bytes_out",
         "notes",
+        "state",
     )
 
     def __init__(self, request: "web.BaseRequest", request_id: str, client_ip: str, started: float) -> None:
@@ -68,6 +69,7 @@ class Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.notes: dict[str, Any] = {}  # extra access-log fields left by policies
+        self.state: dict[str, Any] = {}  # what a policy's request hook leaves for its response hook
 
 
 @dataclass(slots=True)
@@ -97,6 +99,7 @@ class PolicyContext:
 
     config: Any  # the whole GatewayConfig, for top-level blocks a policy owns
     store: "Store"
+    route: str | None = None  # the route the policy serves (None: requests no route took)
     clock: Callable[[], float] = time.monotonic
     extras: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +126,7 @@ class Policy:
     settings_type: ClassVar[Any]
     failure_mode: FailureMode = "closed"  # when on_request raises DependencyUnavailable
     answers_preflight: ClassVar[bool] = False  # True: routes with this policy take CORS preflights
+    runs_after: str | None = None  # set (from settings) to run right after that policy instead
     global_settings_type: ClassVar[Any] = None  # a top-level block of the same name, when the policy has one
 
     def __init__(self, settings: Any, context: PolicyContext) -> None:
@@ -164,7 +168,15 @@ class Pipeline:
     __slots__ = ("policies", "answers_preflight", "_request", "_response")
 
     def __init__(self, policies: Sequence[Policy]) -> None:
-        self.policies = tuple(policies)
+        ordered = list(policies)
+        # The one exception to registry order, decided from settings at load: e.g. rate limits
+        # keyed by user must run after auth has found the user.
+        for policy in [p for p in ordered if p.runs_after]:
+            anchor = next((p for p in ordered if p.name == policy.runs_after), None)
+            if anchor is not None:
+                ordered.remove(policy)
+                ordered.insert(ordered.index(anchor) + 1, policy)
+        self.policies = tuple(ordered)
         self.answers_preflight = any(p.answers_preflight for p in self.policies)
         self._request = tuple(p for p in self.policies if _overrides(p, "on_request"))
         self._response: tuple[Callable[[Exchange, Reply], None], ...] = tuple(

@@ -13,6 +13,7 @@ from gateway.policies.auth import AuthPolicy
 from gateway.policies.cdn import CdnPolicy
 from gateway.policies.cors import CorsPolicy
 from gateway.policies.headers import SecurityHeadersPolicy
+from gateway.policies.ratelimit import RateLimitPolicy
 
 # Response hooks run bottom-up: the cache stores what the upstream said, cdn sets caching
 # headers, security_headers may keep those (keep_upstream), and CORS answers last.
@@ -20,5 +21,6 @@ POLICIES: tuple[type[Policy], ...] = (
     CorsPolicy,
     SecurityHeadersPolicy,
     CdnPolicy,
+    RateLimitPolicy,  # before auth: floods of bad tokens stop here (limits keyed by user run after auth)
     AuthPolicy,
 )
