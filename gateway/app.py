@@ -27,7 +27,7 @@ from aiohttp import web
 
 from gateway.access_log import AccessLog, setup_logging
 from gateway.config import GatewayConfig, effective_blocks, load_config
-from gateway.errors import ConfigError, NoHealthyTarget, UpstreamError
+from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError
 from gateway.forwarded import Forwarding
 from gateway.pipeline import Exchange, Pipeline, Policy, PolicyContext, Reply, problem
 from gateway.proxy import (
@@ -339,6 +339,10 @@ class Gateway:
             upstreams[name] = {"status": state, "targets": targets}
         checks: dict[str, Any] = {"upstreams": upstreams}
         unready = self.draining
+        if self.store.shared:
+            checks["redis"], level = await self._store_check(now)
+            degraded |= level == "degraded"
+            unready |= level == "unready"
         for resource in runtime.context.resources.values():
             if hasattr(resource, "readiness"):
                 name, check, level = resource.readiness()
@@ -349,6 +353,25 @@ class Gateway:
         status = "unready" if unready else ("degraded" if degraded else "ready")
         body = {"status": status, "timestamp": now, "checks": checks}
         return (503 if status == "unready" else 200), body
+
+
+    async def _store_check(self, now: str) -> tuple[dict[str, Any], str]:
+        """Redis: a ping with its response time. Down is degraded while requests still get
+        answers (on_failure memory or allow), unready under deny (CONFIG.md, admin listener)."""
+        store: Any = self.store
+        check: dict[str, Any] = {"timestamp": now}
+        try:
+            seconds = await store.ping()
+        except DependencyUnavailable as exc:
+            check.update(status="down", error=str(exc))
+            on_failure = self.config.redis.on_failure if self.config.redis is not None else "memory"
+            level = "unready" if on_failure == "deny" else "degraded"
+        else:
+            check.update(status="up", response_time_ms=round(seconds * 1000, 3))
+            level = "ready"
+        if hasattr(store, "breaker"):
+            check["circuit"] = store.breaker.state
+        return check, level
 
 
 async def _healthz(request: web.Request) -> web.Response:

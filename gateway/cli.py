@@ -42,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
-        describe(path, config, sys.stdout)
+        try:
+            describe(path, config, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `gateway check | head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     from gateway.server import run  # imports uvloop and the server only when serving
 

@@ -198,3 +198,17 @@ async def test_the_circuit_breaker_stops_calling_a_dead_redis_and_recovers(upstr
         await asyncio.sleep(0.1)
     assert store.breaker.state == "closed"
     assert _evalsha_calls(redis_server) > 0  # decisions are shared again
+
+
+@pytest.mark.parametrize(("on_failure", "status", "state"), [("memory", 200, "degraded"), ("deny", 503, "unready")])
+async def test_readiness_reports_redis_with_its_response_time_and_follows_on_failure(on_failure: str, status: int, state: str, upstream, start_gateway, client, redis_server) -> None:
+    gateway = await start_gateway(limited(upstream.url, {"key": "ip", "limit": 5, "window": "1m"}, redis=redis_server, on_failure=on_failure))
+    async with client.get(gateway.admin_url + "/readyz") as response:
+        body = await response.json()
+        assert response.status == 200 and body["status"] == "ready"
+        assert body["checks"]["redis"]["status"] == "up" and body["checks"]["redis"]["response_time_ms"] >= 0
+    redis_server.stop()
+    async with client.get(gateway.admin_url + "/readyz") as response:
+        body = await response.json()
+        assert response.status == status and body["status"] == state
+        assert body["checks"]["redis"]["status"] == "down"
