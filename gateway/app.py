@@ -25,10 +25,14 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from gateway import __version__
 from gateway.access_log import AccessLog, setup_logging
 from gateway.config import GatewayConfig, effective_blocks, load_config
 from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError
 from gateway.forwarded import Forwarding
+from gateway.metrics import UNMATCHED, Metrics, method_label
 from gateway.pipeline import Exchange, Pipeline, Policy, PolicyContext, Reply, problem
 from gateway.proxy import (
     ClientBodyError,
@@ -56,7 +60,7 @@ def new_request_id() -> str:
 class Runtime:
     """One config generation, ready to serve."""
 
-    def __init__(self, config: GatewayConfig, generation: int, store: Store, policies: tuple[type[Policy], ...]) -> None:
+    def __init__(self, config: GatewayConfig, generation: int, store: Store, policies: tuple[type[Policy], ...], metrics: Metrics) -> None:
         self.config = config
         self.generation = generation
         self.loaded_at = time.time()
@@ -66,7 +70,7 @@ class Runtime:
         self.max_header_size = config.listen.limits.max_header_size
         self.body_timeout = config.listen.limits.body_timeout
         self.upstreams = {name: Upstream(name, settings) for name, settings in config.upstreams.items()}
-        self.context = context = PolicyContext(config=config, store=store)
+        self.context = context = PolicyContext(config=config, store=store, metrics=metrics)
         by_name = {policy.name: policy for policy in policies}
 
         def pipeline(blocks: dict[str, Any], route: str | None) -> Pipeline:
@@ -132,6 +136,7 @@ class Gateway:
         access_log: AccessLog | None = None,
         policies: tuple[type[Policy], ...] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         if policies is None:
             from gateway.policies import POLICIES
@@ -141,13 +146,30 @@ class Gateway:
         self.config_path = config_path
         self.store = store or (make_store(config) if config.redis is not None else MemoryStore(clock=clock))
         self.access_log = access_log or AccessLog(config.logging.access_log, config.logging.format == "json")
-        self.runtime = Runtime(config, 1, self.store, policies)
+        self.metrics = metrics or Metrics(__version__)
+        self._watch_store()
+        self.runtime = Runtime(config, 1, self.store, policies, self.metrics)
         self.draining = False
         self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def config(self) -> GatewayConfig:
         return self.runtime.config
+
+    def _watch_store(self) -> None:
+        """Redis call times and breaker transitions become metrics (the store knows no metrics)."""
+        store: Any = self.store
+        if not hasattr(store, "breaker"):
+            return
+        metrics = self.metrics
+        metrics.redis_up.set(1)
+        store.on_call = lambda command, seconds: metrics.redis_duration.labels(command=command).observe(seconds)
+
+        def transition(state: str) -> None:
+            metrics.redis_circuit_transitions.labels(state=state).inc()
+            metrics.redis_up.set(1 if state == "closed" else 0)
+
+        store.breaker.on_transition = transition
 
     @property
     def server_header(self) -> str | None:
@@ -175,12 +197,13 @@ class Gateway:
             config = await loop.run_in_executor(None, load_config, self.config_path, None, self.policies)
         except ConfigError as exc:
             log.error("config reload refused; the running config stays", extra={"error": str(exc)})
+            self.metrics.config_reloads.labels(result="refused").inc()
             return False
         old = self.runtime
         for key in ("listen", "workers", "admin", "redis"):
             if getattr(config, key) != getattr(old.config, key):
                 log.warning("config reload: a change to %r takes effect at the next restart", key)
-        runtime = Runtime(config, old.generation + 1, self.store, self.policies)
+        runtime = Runtime(config, old.generation + 1, self.store, self.policies, self.metrics)
         await runtime.start()
         self.runtime = runtime
         setup_logging(config.logging)
@@ -189,6 +212,7 @@ class Gateway:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         log.info("config reloaded", extra={"generation": runtime.generation, "file": str(self.config_path)})
+        self.metrics.config_reloads.labels(result="applied").inc()
         return True
 
     async def _retire(self, runtime: Runtime) -> None:
@@ -212,6 +236,7 @@ class Gateway:
         forwarded_for = ", ".join(request.headers.getall("X-Forwarded-For", ())) or None
         exchange = Exchange(request, request_id, runtime.forwarding.client_ip(request.remote, forwarded_for), started)
         status = 499  # the client went away before an answer (nginx's convention)
+        self.metrics.in_flight.inc()
         try:
             response = await self._serve(runtime, exchange)
             status = response.status
@@ -227,7 +252,17 @@ class Gateway:
             return await send(request, reply, exchange)
         finally:
             runtime.leave()
+            self._observe(exchange, status)
             self.access_log.record(exchange, status)
+
+    def _observe(self, exchange: Exchange, status: int) -> None:
+        metrics = self.metrics
+        metrics.in_flight.dec()
+        route = exchange.route.name if exchange.route is not None else UNMATCHED
+        elapsed = time.perf_counter() - exchange.started
+        metrics.request_duration.labels(method=method_label(exchange.method), route=route, status_code=str(status)).observe(elapsed)
+        metrics.request_bytes.labels(route=route).observe(exchange.bytes_in)
+        metrics.response_bytes.labels(route=route).observe(exchange.bytes_out)
 
     def local_response(self, request: web.BaseRequest, status: int, detail: str) -> web.Response:
         """A problem response for a request that never reached the pipeline (a malformed head),
@@ -236,6 +271,8 @@ class Gateway:
         reply = problem(exchange, status, detail)
         self.runtime.unrouted.on_response(exchange, reply)
         reply.headers["X-Request-ID"] = exchange.request_id
+        self.metrics.in_flight.inc()  # counted like every other answer (_observe takes it back)
+        self._observe(exchange, status)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
     async def _serve(self, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:
@@ -250,13 +287,16 @@ class Gateway:
                 if is_websocket(request):
                     return await self._websocket(request, exchange, route)
                 body = RequestBody(request, exchange, runtime.body_timeout) if request.body_exists else None
+                sent = time.perf_counter()
                 try:
                     async with route.upstream.forward(exchange, body) as upstream:
+                        self._observe_upstream(route, exchange, str(upstream.status), sent)
                         reply = Reply(upstream.status, response_headers(upstream), upstream=upstream)
                         pipeline.on_response(exchange, reply)
                         reply.headers["X-Request-ID"] = exchange.request_id
                         return await send(request, reply, exchange)
                 except UpstreamError as exc:
+                    self._observe_upstream(route, exchange, type(exc).__name__, sent)
                     retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, NoHealthyTarget) else None
                     reply = problem(exchange, exc.status, exc.detail, retry)
                 except ClientBodyError as exc:
@@ -269,6 +309,10 @@ class Gateway:
             # The body was not read: closing is cheaper and safer than draining it.
             response.force_close()
         return response
+
+    def _observe_upstream(self, route: Route, exchange: Exchange, outcome: str, sent: float) -> None:
+        target = exchange.target or "none"
+        self.metrics.upstream_duration.labels(upstream=route.upstream.name, target=target, status_code=outcome).observe(time.perf_counter() - sent)
 
     def _route(self, runtime: Runtime, exchange: Exchange) -> tuple[Reply | None, Pipeline]:
         """Check the head, normalise the path, find the route; a Reply when there is none."""
@@ -320,6 +364,7 @@ class Gateway:
         app[GATEWAY_KEY] = self
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/readyz", _readyz)
+        app.router.add_get("/metrics", _metrics)
         return app
 
     async def readiness(self) -> tuple[int, dict[str, Any]]:
@@ -372,6 +417,17 @@ class Gateway:
         if hasattr(store, "breaker"):
             check["circuit"] = store.breaker.state
         return check, level
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    clock = time.monotonic()
+    for name, upstream in gateway.runtime.upstreams.items():
+        for target in upstream.targets:
+            gateway.metrics.target_up.labels(upstream=name, target=target.origin).set(1 if target.available(clock) else 0)
+    body = await asyncio.get_running_loop().run_in_executor(None, gateway.metrics.exposition)
+    # The 0.0.4 text format: what every Prometheus 2.x and 3.x scrapes (Debian 12 ships 2.42).
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Cache-Control": "no-store"})
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -79,6 +79,7 @@ class JwksKeys:
         self.expires_at = 0.0  # when the keys are due for a refresh
         self.last_error: str | None = None
         self.fetches = 0  # requests made to the endpoint (for tests and metrics)
+        self.on_fetch: Callable[[str], None] | None = None  # called with "ok" or "error", e.g. a metric
         self._last_unknown_kid_fetch = -float("inf")
         self._inflight: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -144,10 +145,14 @@ class JwksKeys:
             if self.last_error is None:  # one line per transition, not per attempt
                 log.warning("JWKS fetch failed; the last good keys keep serving", extra={"url": self.url, "error": reason})
             self.last_error = reason
+            if self.on_fetch is not None:
+                self.on_fetch("error")
             return
         if self.last_error is not None and self.fetched_at is not None:
             log.info("JWKS fetch recovered", extra={"url": self.url})
         self.keys = keys
+        if self.on_fetch is not None:
+            self.on_fetch("ok")
         self.last_error = None
         self.fetched_at = self.clock()
         self.fetched_wall = time.time()

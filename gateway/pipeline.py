@@ -100,6 +100,7 @@ class PolicyContext:
     config: Any  # the whole GatewayConfig, for top-level blocks a policy owns
     store: "Store"
     route: str | None = None  # the route the policy serves (None: requests no route took)
+    metrics: Any = None  # gateway.metrics.Metrics: the policy's counters
     clock: Callable[[], float] = time.monotonic
     extras: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)

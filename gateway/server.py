@@ -14,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import uvloop
+from prometheus_client.multiprocess import mark_process_dead
 from aiohttp import hdrs, web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -29,6 +33,7 @@ from gateway.access_log import setup_logging
 from gateway.app import Gateway, new_request_id
 from gateway.config import GatewayConfig, ListenLimits, load_config
 from gateway.errors import ConfigError, problem_body
+from gateway.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("gateway")
 
@@ -254,7 +259,29 @@ class Supervisor:
 
     def run(self) -> int:
         setup_logging(self.config.logging)
+        metrics_dir = self._metrics_dir()
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            return self._supervise()
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    @staticmethod
+    def _metrics_dir() -> str | None:
+        """Workers write their metrics to files here, so that any one of them can answer a scrape
+        for all (prometheus-client multiprocess mode). Made empty at start; removed at exit
+        unless the operator chose it."""
+        chosen = os.environ.get(MULTIPROC_ENV)
+        if chosen:
+            for stale in Path(chosen).glob("*.db"):
+                stale.unlink()
+            return None
+        made = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ[MULTIPROC_ENV] = made
+        return made
+
+    def _supervise(self) -> int:
         for _ in range(self.workers):
             self._spawn()
         log.info("supervisor started", extra={"workers": self.workers, "pid": os.getpid()})
@@ -302,6 +329,7 @@ class Supervisor:
             if pid == 0:
                 return
             started = self.children.pop(pid, None)
+            mark_process_dead(pid)  # its live gauges (in flight, target up) leave the sums
             if self.stopping or started is None:
                 continue
             code = os.waitstatus_to_exitcode(status)

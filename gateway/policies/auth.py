@@ -40,6 +40,7 @@ from pydantic_core import PydanticCustomError
 
 from gateway.errors import DependencyUnavailable
 from gateway.jwks import PUBLIC_KEY_TYPES, JwksKeys, KeyUnavailable, key_fits
+from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply, problem
 from gateway.settings import Duration, Settings, Size
 
@@ -247,13 +248,17 @@ class Verified:
 class Authenticator:
     """Every configured issuer, their keys and the memory of verified tokens."""
 
-    def __init__(self, settings: AuthGlobal, wall_clock: Any = time.time, clock: Any = time.monotonic) -> None:
+    def __init__(self, settings: AuthGlobal, wall_clock: Any = time.time, clock: Any = time.monotonic, metrics: Any = None) -> None:
         self.settings = settings
         self.wall_clock = wall_clock
         self.issuers = tuple(Issuer(s, clock) for s in settings.issuers())
         self.by_name = {i.settings.issuer: i for i in self.issuers}
         self.single = self.issuers[0] if len(self.issuers) == 1 else None
         self.cache: OrderedDict[bytes, Verified] = OrderedDict()
+        if metrics is not None:
+            for issuer in self.issuers:
+                if issuer.jwks is not None:
+                    issuer.jwks.on_fetch = lambda result: metrics.jwks_refreshes.labels(result=result).inc()
         self.cache_size = settings.cache_size
 
     async def start(self) -> None:
@@ -357,6 +362,37 @@ def header_value(value: Any) -> str | None:
     return quote(str(value), safe=_PRINTABLE)
 
 
+# The auth_failures_total reasons: a fixed set, whatever a token contains.
+_REASONS = {
+    "ExpiredSignatureError": "expired",
+    "ImmatureSignatureError": "not_yet_valid",
+    "InvalidAudienceError": "audience",
+    "InvalidIssuerError": "issuer",
+    "MissingRequiredClaimError": "missing_claim",
+    "InvalidSignatureError": "signature",
+    "DecodeError": "malformed",
+    "missing": "missing",
+    "too large": "too_large",
+    "unknown issuer": "issuer",
+    "no key for this kid": "unknown_key",
+    "missing role": "role",
+    "missing scope": "scope",
+    "issuer not accepted on this route": "issuer",
+}
+
+
+def reason_label(reason: str) -> str:
+    if reason in _REASONS:
+        return _REASONS[reason]
+    if reason.startswith("malformed"):
+        return "malformed"
+    if reason.startswith("algorithm"):
+        return "algorithm"
+    if reason.startswith("claim"):
+        return "claim"
+    return "invalid"
+
+
 # ---------------------------------------------------------------------------------------------
 # The policy
 # ---------------------------------------------------------------------------------------------
@@ -373,13 +409,15 @@ class AuthPolicy(Policy):
     def __init__(self, settings: AuthSettings, context: PolicyContext) -> None:
         super().__init__(settings, context)
         self.global_settings: AuthGlobal = context.config.auth
-        self.authenticator: Authenticator = context.shared("auth", lambda: Authenticator(self.global_settings))
+        self.authenticator: Authenticator = context.shared("auth", lambda: Authenticator(self.global_settings, metrics=context.metrics))
         sources = self.global_settings.token
         self.from_header = sources.header
         self.cookie = sources.cookie
         self.query = sources.query
         self.max_size = sources.max_size
         self.strip_authorization = not self.global_settings.forward_authorization
+        self.metrics = context.metrics
+        self.route = context.route or UNMATCHED
         self.roles = frozenset(settings.roles)
         self.scopes = frozenset(settings.scopes)
         self.claims = tuple(settings.claims.items())
@@ -465,6 +503,7 @@ class AuthPolicy(Policy):
 
     def _deny(self, exchange: Exchange, status: int, reason: str, challenge: str) -> Reply:
         exchange.notes["auth"] = reason
+        self.metrics.auth_failures.labels(route=self.route, reason=reason_label(reason)).inc()
         log.info("request refused by auth", extra={"request_id": exchange.request_id, "status": status, "reason": reason})
         detail = "a valid access token is required" if status == 401 else "the access token does not grant access to this resource"
         return problem(exchange, status, detail, {"WWW-Authenticate": challenge})

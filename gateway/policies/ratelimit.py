@@ -42,6 +42,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from gateway.errors import DependencyUnavailable
+from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply, problem
 from gateway.settings import Duration, Network, Settings
 from gateway.stores import Hit, MemoryStore, Outcome
@@ -126,7 +127,8 @@ class Limit:
         self.window_s = math.ceil(settings.window)
         self.burst = settings.burst or 0
         self.allow = settings.allow
-        self.scope = "*" if self.kind == "global" else (route or "(unmatched)")
+        self.route = route or UNMATCHED
+        self.scope = "*" if self.kind == "global" else self.route  # in the store key
         self.draft = settings.standard_headers
         self.detail = settings.message or f"limit of {settings.limit} per {duration_words(settings.window)} for {settings.key} exceeded"
 
@@ -177,6 +179,7 @@ class RateLimitPolicy(Policy):
         redis = context.config.redis
         self.on_failure = redis.on_failure if redis is not None else "memory"
         self.store = context.store
+        self.metrics = context.metrics
         self.fallback: MemoryStore = context.shared("rate_limit_fallback", FallbackStore)
         self.wall_ms = lambda: int(time.time() * 1000)
         self.denied: OrderedDict[str, int] = OrderedDict()  # key → until (ms): over the limit
@@ -202,6 +205,7 @@ class RateLimitPolicy(Policy):
                 outcomes = await self.store.hit(hits, now)
             except DependencyUnavailable:
                 exchange.notes["rate_limit_store"] = self.on_failure
+                self.metrics.store_fallback.labels(mode=self.on_failure).inc()
                 if self.on_failure == "allow":
                     return None
                 if self.on_failure == "deny":
@@ -232,6 +236,9 @@ class RateLimitPolicy(Policy):
 
     def _answer(self, exchange: Exchange, applied: list[tuple[Limit, str]], bases: list[str], outcomes: list[Outcome], now: int) -> Reply | None:
         denied = [i for i, outcome in enumerate(outcomes) if not outcome.allowed]
+        for (limit, _), outcome in zip(applied, outcomes):
+            decision = "allowed" if outcome.allowed else ("dry_run" if limit.settings.dry_run else "denied")
+            self.metrics.rate_limit_decisions.labels(route=limit.route, limit=limit.label, decision=decision).inc()
         if denied:
             chosen = max(denied, key=lambda i: outcomes[i].retry_ms)
         else:

@@ -39,6 +39,7 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self.probing = False
         self.transitions: dict[str, int] = {"open": 0, "half_open": 0, "closed": 0}
+        self.on_transition: Callable[[str], None] | None = None  # e.g. a metric
 
     def allow(self) -> bool:
         """Whether a call may go through now (in half-open, only the one probe)."""
@@ -81,3 +82,5 @@ class CircuitBreaker:
             extra["error"] = reason
         level = logging.WARNING if state == "open" else logging.INFO
         log.log(level, "circuit breaker %s: %s", self.name, state, extra=extra)
+        if self.on_transition is not None:
+            self.on_transition(state)

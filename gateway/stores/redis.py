@@ -71,41 +71,54 @@ class RedisStore(Store):
         self.timeout = settings.timeout
         self.client = client if client is not None else make_client(settings)
         self.breaker = CircuitBreaker("redis", clock=clock)
+        # redis-py's cluster (and sentinel) pools raise MaxConnectionsError at once when more
+        # commands are in flight than pool_size, instead of waiting: a burst would trip the
+        # fallback. Commands wait here for a slot instead, within the same timeout.
+        self._slots = asyncio.Semaphore(settings.pool_size)
+        self.on_call: Callable[[str, float], None] | None = None  # (command, seconds), e.g. a metric
         self._decide = self.client.register_script(DECIDE_SCRIPT)
         self._incr = self.client.register_script(INCR_SCRIPT)
 
-    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, command: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
             raise DependencyUnavailable("redis is unavailable (circuit open)")
+        started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(call(), self.timeout)
+            result = await asyncio.wait_for(self._bounded(call), self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.breaker.failed(reason)
             raise DependencyUnavailable(f"redis: {reason}") from exc
+        finally:
+            if self.on_call is not None:
+                self.on_call(command, time.perf_counter() - started)
         self.breaker.succeeded()
         return result
+
+    async def _bounded(self, call: Callable[[], Awaitable[T]]) -> T:
+        async with self._slots:
+            return await call()
 
     def _key(self, key: str) -> str:
         return self.prefix + key
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(lambda: self.client.get(self._key(key)))
+        return await self._call("get", lambda: self.client.get(self._key(key)))
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        await self._call(lambda: self.client.set(self._key(key), value, px=max(int(ttl * 1000), 1)))
+        await self._call("set", lambda: self.client.set(self._key(key), value, px=max(int(ttl * 1000), 1)))
 
     async def delete(self, *keys: str) -> int:
         if not keys:
             return 0
         if isinstance(self.client, RedisCluster):
             # Keys of different slots cannot go in one DEL on a cluster.
-            counts = [await self._call(lambda k=k: self.client.delete(self._key(k))) for k in keys]
+            counts = [await self._call("del", lambda k=k: self.client.delete(self._key(k))) for k in keys]
             return sum(counts)
-        return await self._call(lambda: self.client.delete(*(self._key(k) for k in keys)))
+        return await self._call("del", lambda: self.client.delete(*(self._key(k) for k in keys)))
 
     async def incr(self, key: str, amount: int, ttl: float) -> int:
-        return int(await self._call(lambda: self._incr(keys=[self._key(key)], args=[amount, max(int(ttl * 1000), 1)])))
+        return int(await self._call("incr", lambda: self._incr(keys=[self._key(key)], args=[amount, max(int(ttl * 1000), 1)])))
 
     async def hit(self, hits: Sequence[Hit], now_ms: int) -> list[Outcome]:
         keys: list[str] = []
@@ -113,12 +126,12 @@ class RedisStore(Store):
         for hit in hits:
             keys.extend(self._key(k) for k in hit.keys)
             args.extend((hit.algorithm, len(hit.keys), hit.limit, hit.window_ms, hit.burst, hit.cost))
-        raw = await self._call(lambda: self._decide(keys=keys, args=args))
+        raw = await self._call("rate_limit", lambda: self._decide(keys=keys, args=args))
         return [Outcome(bool(raw[i]), int(raw[i + 1]), int(raw[i + 2]), int(raw[i + 3])) for i in range(0, len(raw), 4)]
 
     async def ping(self) -> float:
         started = time.perf_counter()
-        await self._call(self.client.ping)
+        await self._call("ping", self.client.ping)
         return time.perf_counter() - started
 
     async def close(self) -> None:
