@@ -212,3 +212,40 @@ async def test_readiness_reports_redis_with_its_response_time_and_follows_on_fai
         body = await response.json()
         assert response.status == status and body["status"] == state
         assert body["checks"]["redis"]["status"] == "down"
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(upstream, start_gateway, client, redis_server) -> None:
+    gateway = await start_gateway(limited(upstream.url, {"key": "ip", "limit": 3, "window": "1m"}, redis=redis_server))
+    assert await statuses(client, gateway.url + "/", 1) == [200]
+    assert redis_server.command("SCRIPT", "FLUSH").startswith(b"+OK")  # as after a Redis restart
+    assert await statuses(client, gateway.url + "/", 3) == [200, 200, 429]  # NOSCRIPT → loaded again, count kept
+
+
+async def test_a_master_found_through_sentinel_keeps_the_limits(upstream, start_gateway, client, redis_server, tmp_path) -> None:
+    import subprocess
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor shop 127.0.0.1 {redis_server.port} 1\n")
+    sentinel = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        config = limited(upstream.url, {"key": "ip", "limit": 2, "window": "1m"})
+        config["redis"] = {"sentinel": {"master": "shop", "nodes": [f"redis://127.0.0.1:{port}"]}, "timeout": "1s"}
+        probe = RedisServer(port, tmp_path)  # only to ask the sentinel, never started or stopped
+        for _ in range(100):
+            try:
+                if str(redis_server.port).encode() in probe.command("SENTINEL", "get-master-addr-by-name", "shop"):
+                    break
+            except OSError:
+                pass
+            await asyncio.sleep(0.05)
+        gateway = await start_gateway(config)
+        found = await statuses(client, gateway.url + "/", 3)
+        assert found == [200, 200, 429]
+        assert int(redis_server.command("DBSIZE").split(b":")[1]) >= 1  # the counters live on the master
+        assert gateway.gateway.store.breaker.state == "closed"
+    finally:
+        sentinel.kill()
+        sentinel.wait(10)

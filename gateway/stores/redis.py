@@ -46,19 +46,20 @@ def _host_port(url: str) -> tuple[str, int]:
     return parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379))
 
 
-def make_client(settings: Any) -> Any:
-    """A redis-py asyncio client for the configured topology."""
+def make_client(settings: Any) -> tuple[Any, list[Any]]:
+    """A redis-py asyncio client for the configured topology, and the clients it leans on
+    (Sentinel's connections to the sentinels) that must be closed with it."""
     timeouts = {"socket_timeout": settings.timeout, "socket_connect_timeout": max(settings.timeout, CONNECT_TIMEOUT)}
     if settings.cluster_nodes:
         nodes = [ClusterNode(*_host_port(url)) for url in settings.cluster_nodes]
-        return RedisCluster(startup_nodes=nodes, max_connections=settings.pool_size, **timeouts)
+        return RedisCluster(startup_nodes=nodes, max_connections=settings.pool_size, **timeouts), []
     if settings.sentinel is not None:
         sentinel = Sentinel([_host_port(url) for url in settings.sentinel.nodes], **timeouts)
-        return sentinel.master_for(settings.sentinel.master, **timeouts)
+        return sentinel.master_for(settings.sentinel.master, **timeouts), list(sentinel.sentinels)
     # A blocking pool waits (up to the command timeout) for a free connection instead of failing
     # at once when more commands are in flight than pool_size (redis-py's default pool does).
     pool = aioredis.BlockingConnectionPool.from_url(settings.url, max_connections=settings.pool_size, timeout=settings.timeout, **timeouts)
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis(connection_pool=pool), []
 
 
 class RedisStore(Store):
@@ -69,7 +70,7 @@ class RedisStore(Store):
         self.settings = settings
         self.prefix = settings.key_prefix
         self.timeout = settings.timeout
-        self.client = client if client is not None else make_client(settings)
+        self.client, self._also_close = (client, []) if client is not None else make_client(settings)
         self.breaker = CircuitBreaker("redis", clock=clock)
         # redis-py's cluster (and sentinel) pools raise MaxConnectionsError at once when more
         # commands are in flight than pool_size, instead of waiting: a burst would trip the
@@ -139,3 +140,5 @@ class RedisStore(Store):
             await self.client.aclose(close_connection_pool=True)  # the pool is ours, not the client's
         else:
             await self.client.aclose()
+        for other in self._also_close:
+            await other.aclose()
