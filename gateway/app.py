@@ -27,7 +27,7 @@ from aiohttp import web
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from gateway import __version__
+from gateway import __version__, error_tracking
 from gateway.access_log import AccessLog, setup_logging
 from gateway.config import GatewayConfig, effective_blocks, load_config
 from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError
@@ -149,6 +149,8 @@ class Gateway:
         self.metrics = metrics or Metrics(__version__)
         self._watch_store()
         self.runtime = Runtime(config, 1, self.store, policies, self.metrics)
+        reserved = frozenset(name.lower() for name in self.runtime.forwarding.reserved)
+        self.error_tracker = error_tracking.setup(config.error_tracking, reserved)
         self.draining = False
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -186,6 +188,8 @@ class Gateway:
         await self.runtime.close()
         await self.store.close()
         self.access_log.close()
+        if self.error_tracker is not None:
+            self.error_tracker.close()
 
     # -- reload ------------------------------------------------------------------------------
 
@@ -200,7 +204,7 @@ class Gateway:
             self.metrics.config_reloads.labels(result="refused").inc()
             return False
         old = self.runtime
-        for key in ("listen", "workers", "admin", "redis"):
+        for key in ("listen", "workers", "admin", "redis", "error_tracking"):
             if getattr(config, key) != getattr(old.config, key):
                 log.warning("config reload: a change to %r takes effect at the next restart", key)
         runtime = Runtime(config, old.generation + 1, self.store, self.policies, self.metrics)
@@ -241,8 +245,10 @@ class Gateway:
             response = await self._serve(runtime, exchange)
             status = response.status
             return response
-        except Exception:
+        except Exception as error:
             log.exception("unexpected error", extra={"request_id": request_id, "path": request.path})
+            if self.error_tracker is not None:
+                self.error_tracker.capture(error, exchange)
             status = 500
             reply = problem(exchange, 500, "the gateway failed to handle the request")
             pipeline = exchange.route.pipeline if exchange.route is not None else runtime.unrouted

@@ -191,6 +191,14 @@ class Redis(Settings):
         return self
 
 
+class ErrorTracking(Settings):
+    sentry_dsn: str = Field("", description="Sentry DSN; empty: no error tracking (sentry-sdk is not loaded)")
+    environment: str = "production"
+    sample_rate: float = Field(1.0, ge=0, le=1, description="share of error events sent")
+    traces_sample_rate: float = Field(0.0, ge=0, le=1, description="share of requests traced (performance)")
+    scrub_headers: tuple[str, ...] = Field((), description="more request headers replaced by [Filtered] (Authorization and Cookie always are)")
+
+
 class Logging(Settings):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -229,6 +237,7 @@ class GatewayConfigBase(Settings):
     upstreams: Annotated[dict[Annotated[str, Field(pattern=NAME_PATTERN)], Upstream], AfterValidator(MappingProxyType)] = Field(min_length=1)
     redis: Redis | None = None
     logging: Logging = Logging()
+    error_tracking: ErrorTracking = ErrorTracking()
 
     def route_blocks(self) -> dict[str, Any]:  # overridden by config_model
         return {}

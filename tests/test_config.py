@@ -294,7 +294,7 @@ def test_an_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path, text: str,
 def test_an_unknown_key_with_nothing_close_lists_the_known_keys(tmp_path: Path) -> None:
     error = load_error(tmp_path, "frobnicate: 1\n" + MINIMAL)
     message = issues(error)["frobnicate"]
-    assert message.startswith("unknown key 'frobnicate' (known keys: listen, workers, admin, upstreams, redis, logging, defaults, routes")
+    assert message.startswith("unknown key 'frobnicate' (known keys: listen, workers, admin, upstreams, redis, logging, error_tracking, defaults, routes")
     assert "did you mean" not in message
     for policy in POLICIES:  # the top-level blocks that policies own are known keys too
         if policy.global_settings_type is not None:
