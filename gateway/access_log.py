@@ -37,6 +37,8 @@ ACCESS_FIELDS = (
     "bytes_in",
     "bytes_out",
     "user",  # the authenticated subject, when an auth policy verified one
+    "upstream_ms",  # until the upstream's response head (retries included)
+    "trace_id",  # W3C trace id: the client's traceparent, or one the gateway started
 )
 # LogRecord attributes that are not extra fields.
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -129,6 +131,8 @@ class AccessLog:
                 exchange.bytes_in,
                 exchange.bytes_out,
                 exchange.subject,
+                exchange.upstream_ms,
+                exchange.trace_id,
                 exchange.notes or None,
             )
         )

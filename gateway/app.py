@@ -31,7 +31,7 @@ from gateway import __version__, error_tracking
 from gateway.access_log import AccessLog, setup_logging
 from gateway.config import GatewayConfig, effective_blocks, load_config
 from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError
-from gateway.forwarded import Forwarding
+from gateway.forwarded import Forwarding, traceparent
 from gateway.metrics import UNMATCHED, Metrics, method_label
 from gateway.pipeline import Exchange, Pipeline, Policy, PolicyContext, Reply, problem
 from gateway.proxy import (
@@ -287,7 +287,8 @@ class Gateway:
         route = exchange.route
         if reply is None and route is not None:
             pipeline = route.pipeline
-            exchange.upstream_headers = runtime.forwarding.upstream_headers(request, request.remote, exchange.request_id)
+            exchange.upstream_headers = headers = runtime.forwarding.upstream_headers(request, request.remote, exchange.request_id)
+            headers["traceparent"], exchange.trace_id = traceparent(request.headers.get("traceparent"))
             reply = await pipeline.on_request(exchange)
             if reply is None:
                 if is_websocket(request):
@@ -318,7 +319,9 @@ class Gateway:
 
     def _observe_upstream(self, route: Route, exchange: Exchange, outcome: str, sent: float) -> None:
         target = exchange.target or "none"
-        self.metrics.upstream_duration.labels(upstream=route.upstream.name, target=target, status_code=outcome).observe(time.perf_counter() - sent)
+        elapsed = time.perf_counter() - sent
+        exchange.upstream_ms = round(elapsed * 1000, 3)
+        self.metrics.upstream_duration.labels(upstream=route.upstream.name, target=target, status_code=outcome).observe(elapsed)
 
     def _route(self, runtime: Runtime, exchange: Exchange) -> tuple[Reply | None, Pipeline]:
         """Check the head, normalise the path, find the route; a Reply when there is none."""

@@ -9,6 +9,8 @@ untrusted client cannot make the upstream believe another address or scheme. ``F
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from typing import TYPE_CHECKING, Iterable
 
 from multidict import CIMultiDict
@@ -112,3 +114,18 @@ def _is_ip(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# W3C Trace Context (https://www.w3.org/TR/trace-context/#traceparent-header): version 00.
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def traceparent(incoming: str | None) -> tuple[str, str]:
+    """The traceparent to send upstream and its trace id: the client's when well formed (so the
+    gateway's logs join the client's trace), else a new trace (§4.3: an invalid one restarts)."""
+    if incoming is not None:
+        match = _TRACEPARENT.match(incoming.strip())
+        if match and match.group(1) != "0" * 32 and match.group(2) != "0" * 16:
+            return incoming.strip(), match.group(1)
+    trace_id = os.urandom(16).hex()
+    return f"00-{trace_id}-{os.urandom(8).hex()}-00", trace_id

@@ -50,6 +50,8 @@ class Exchange:
         "bytes_out",
         "notes",
         "state",
+        "trace_id",
+        "upstream_ms",
     )
 
     def __init__(self, request: "web.BaseRequest", request_id: str, client_ip: str, started: float) -> None:
@@ -70,6 +72,8 @@ class Exchange:
         self.bytes_out = 0
         self.notes: dict[str, Any] = {}  # extra access-log fields left by policies
         self.state: dict[str, Any] = {}  # what a policy's request hook leaves for its response hook
+        self.trace_id: str | None = None  # W3C trace id, logged so logs join traces
+        self.upstream_ms: float | None = None  # until the upstream's response head
 
 
 @dataclass(slots=True)

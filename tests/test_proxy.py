@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 from aiohttp import web
@@ -410,3 +411,25 @@ async def test_an_upstream_that_dies_mid_body_leaves_the_client_a_truncated_resp
             pass
         else:
             raise AssertionError("the client was shown a complete body")
+
+
+async def test_a_client_traceparent_is_passed_on_and_logged_and_a_trace_is_started_otherwise(start_gateway, upstream, client):
+    import io
+
+    from gateway.access_log import AccessLog
+
+    stream = io.StringIO()
+    log = AccessLog(True, True, stream)
+    gw = await start_gateway(base_config(upstream.url), access_log=log)
+    incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for headers in ({"traceparent": incoming}, {}, {"traceparent": "00-zz-broken-01"}):
+        async with client.get(gw.url + "/", headers=headers) as resp:
+            await resp.read()
+    log.close()
+    lines = [json.loads(line) for line in stream.getvalue().strip().splitlines()]
+    sent = [r.headers["traceparent"] for r in upstream.requests]
+    assert sent[0] == incoming and lines[0]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    for header, line in zip(sent[1:], lines[1:]):  # none, or a malformed one: a new trace
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", header) and header.split("-")[1] == line["trace_id"]
+    assert sent[1] != sent[2]
+    assert all(line["upstream_ms"] > 0 for line in lines)
