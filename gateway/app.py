@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway import __version__, error_tracking
 from gateway.access_log import AccessLog, setup_logging
+from gateway.body import forwarded_body
 from gateway.config import GatewayConfig, effective_blocks, load_config
 from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError
 from gateway.forwarded import Forwarding, traceparent
@@ -293,7 +294,9 @@ class Gateway:
             if reply is None:
                 if is_websocket(request):
                     return await self._websocket(request, exchange, route)
-                body = RequestBody(request, exchange, runtime.body_timeout) if request.body_exists else None
+                body = forwarded_body(exchange)  # read (and maybe rewritten) by a policy
+                if body is None and request.body_exists:
+                    body = RequestBody(request, exchange, runtime.body_timeout)
                 sent = time.perf_counter()
                 try:
                     async with route.upstream.forward(exchange, body) as upstream:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import typing
+import warnings
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
@@ -265,8 +266,12 @@ def config_model(policies: tuple[type, ...] | None = None) -> type[GatewayConfig
 
         policies = POLICIES
     blocks = {policy.name: _policy_field(policy.settings_type) for policy in policies}
-    route = create_model("Route", __base__=RouteBase, **blocks)  # type: ignore[call-overload]
-    defaults = create_model("Defaults", __base__=DefaultsBase, **blocks)  # type: ignore[call-overload]
+    with warnings.catch_warnings():
+        # `validate` (a CONFIG.md block name) shadows pydantic's deprecated BaseModel.validate;
+        # field values live on the instance, so route.validate is the block.
+        warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+        route = create_model("Route", __base__=RouteBase, **blocks)  # type: ignore[call-overload]
+        defaults = create_model("Defaults", __base__=DefaultsBase, **blocks)  # type: ignore[call-overload]
     global_blocks = {
         policy.name: (policy.global_settings_type, policy.global_settings_type())
         for policy in policies

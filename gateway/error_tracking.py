@@ -34,6 +34,8 @@ class ErrorTracker:
             release=f"gateway@{__version__}",
             sample_rate=settings.sample_rate,
             traces_sample_rate=settings.traces_sample_rate,
+            # Frame locals would carry headers, tokens and bodies past any scrubbing.
+            include_local_variables=False,
             default_integrations=False,
             auto_enabling_integrations=False,
             before_send=self._scrub_event,

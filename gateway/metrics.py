@@ -70,6 +70,11 @@ class Metrics:
         self.redis_circuit_transitions = Counter("redis_circuit_transitions", "Circuit breaker transitions towards Redis.", ("state",), registry=r)
         self.redis_duration = Histogram("redis_command_duration_seconds", "Redis calls as the gateway sees them.", ("command",), buckets=REDIS_BUCKETS, registry=r)
         self.auth_failures = Counter("auth_failures", "Requests refused by auth.", ("route", "reason"), registry=r)
+        self.sanitize_rejections = Counter("sanitize_rejections", "Requests refused by sanitize (mode: reject).", ("route", "reason"), registry=r)
+        self.validation_failures = Counter(
+            "validation_failures", "Requests refused by validate, by the first failed rule (or body: too_large, content_type, malformed).",
+            ("route", "reason"), registry=r,
+        )  # fmt: skip
         self.jwks_refreshes = Counter("jwks_refreshes", "JWKS fetches by result.", ("result",), registry=r)
         self.config_reloads = Counter("config_reloads", "Config reloads by result.", ("result",), registry=r)
         self.build_info = Gauge("gateway_build_info", "The running gateway's version.", ("version",), registry=r, **live_max)

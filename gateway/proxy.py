@@ -214,7 +214,7 @@ class Upstream:
         return URL(raw, encoded=True)
 
     @contextlib.asynccontextmanager
-    async def forward(self, exchange: "Exchange", body: RequestBody | None) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def forward(self, exchange: "Exchange", body: RequestBody | bytes | None) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send the exchange's request; yield the upstream response with its headers read.
 
         Idempotent requests are retried on another target after a connect error, a dropped
@@ -226,6 +226,7 @@ class Upstream:
         method = exchange.method
         attempts = 1 + (self.settings.retries if method in IDEMPOTENT else 0)
         headers = exchange.upstream_headers
+        stream = body if isinstance(body, RequestBody) else None  # bytes (read by a policy) can be sent again
         tried: list[Target] = []
         response: aiohttp.ClientResponse | None = None
         target: Target | None = None
@@ -245,8 +246,8 @@ class Upstream:
                 )
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 target.in_flight -= 1
-                if body is not None and body.error is not None:
-                    raise body.error from None
+                if stream is not None and stream.error is not None:
+                    raise stream.error from None
                 self._failed(target)
                 timed_out = isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
                 log.info(
@@ -255,7 +256,7 @@ class Upstream:
                 )
                 if timed_out:
                     raise UpstreamTimeout() from None
-                if body is not None and body.started:
+                if stream is not None and stream.started:
                     break
                 continue
             status = response.status
@@ -264,7 +265,7 @@ class Upstream:
             else:
                 self._succeeded(target)
             last = attempt == attempts - 1
-            if status in RETRY_STATUSES and not last and not (body is not None and body.started) and self._has_untried(tried):
+            if status in RETRY_STATUSES and not last and not (stream is not None and stream.started) and self._has_untried(tried):
                 response.release()
                 target.in_flight -= 1
                 response = None

@@ -14,6 +14,8 @@ from gateway.policies.cdn import CdnPolicy
 from gateway.policies.cors import CorsPolicy
 from gateway.policies.headers import SecurityHeadersPolicy
 from gateway.policies.ratelimit import RateLimitPolicy
+from gateway.policies.sanitize import SanitizePolicy
+from gateway.policies.validate import ValidatePolicy
 
 # Response hooks run bottom-up: the cache stores what the upstream said, cdn sets caching
 # headers, security_headers may keep those (keep_upstream), and CORS answers last.
@@ -23,4 +25,6 @@ POLICIES: tuple[type[Policy], ...] = (
     CdnPolicy,
     RateLimitPolicy,  # before auth: floods of bad tokens stop here (limits keyed by user run after auth)
     AuthPolicy,
+    SanitizePolicy,  # rewrites bodies first, so validate checks what the upstream will get
+    ValidatePolicy,
 )

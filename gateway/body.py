@@ -1,0 +1,170 @@
+"""Request bodies the gateway reads whole: bounded while reading, parsed once, re-serialized once.
+
+Only routes with a sanitize or validate policy read bodies, and only for methods that carry one;
+every other body streams to the upstream untouched. The first policy that needs the body reads
+it (``max_body`` enforced chunk by chunk, so a chunked body without Content-Length is refused
+with 413 as soon as it crosses the limit, and the upstream never sees a byte); the others reuse
+what it parsed. JSON is parsed with guards (nesting depth, members per object or array, string
+length); form bodies keep their field order. When a policy changed a value, the body is written
+again once, with its new Content-Length, before it is forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode
+
+import aiohttp
+
+from gateway.pipeline import Exchange, Reply, problem
+from gateway.proxy import CONTINUE
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+STATE_KEY = "body"
+Kind = Literal["json", "form", "other"]
+
+
+class BodyError(Exception):
+    """The body cannot be accepted; carries the 4xx to answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class JsonGuards:
+    max_depth: int = 32
+    max_members: int = 1000  # keys of one object, items of one array
+    max_string: int = 65536  # characters of one string (keys included)
+
+
+@dataclass
+class Body:
+    """A body read whole: its bytes, its kind and, for json and form, the parsed value."""
+
+    raw: bytes
+    media_type: str
+    kind: Kind
+    value: Any = None  # json: the document; form: a list of (name, value) pairs
+    changed: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def serialize(self) -> bytes:
+        if not self.changed:
+            return self.raw
+        if self.kind == "json":
+            return json.dumps(self.value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if self.kind == "form":
+            return urlencode(self.value).encode("ascii")
+        return self.raw
+
+
+def media_type(exchange: Exchange) -> str:
+    return exchange.request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(exchange: Exchange, max_body: int, guards: JsonGuards, timeout: float) -> Body | Reply:
+    """The request's body, read and parsed once per request; a Reply (413/400) when refused."""
+    known = exchange.state.get(STATE_KEY)
+    if known is not None:
+        if len(known.raw) > max_body:
+            return _too_large(exchange, max_body)
+        return known
+    request = exchange.request
+    declared = request.content_length
+    if declared is not None and declared > max_body:
+        return _too_large(exchange, max_body)
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(CONTINUE)  # the policies want the body: ask for it
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > max_body:
+                    return _too_large(exchange, max_body)
+                chunks.append(chunk)
+    except TimeoutError:
+        return problem(exchange, 408, "the request body was not received in time")
+    except aiohttp.http_exceptions.HttpProcessingError:
+        return problem(exchange, 400, "the request body is malformed")
+    exchange.bytes_in = size
+    raw = b"".join(chunks)
+    kind_of = media_type(exchange)
+    try:
+        body = parse(raw, kind_of, guards)
+    except BodyError as exc:
+        return problem(exchange, exc.status, exc.detail)
+    exchange.state[STATE_KEY] = body
+    return body
+
+
+def _too_large(exchange: Exchange, max_body: int) -> Reply:
+    exchange.notes["body"] = "too_large"
+    return problem(exchange, 413, f"the request body is larger than {max_body} bytes")
+
+
+def parse(raw: bytes, kind: str, guards: JsonGuards) -> Body:
+    if kind == "application/json" or kind.endswith("+json"):
+        return Body(raw, kind, "json", parse_json(raw, guards))
+    if kind == "application/x-www-form-urlencoded":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BodyError(400, "the form body is not UTF-8") from None
+        pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=guards.max_members)
+        return Body(raw, kind, "form", pairs)
+    return Body(raw, kind, "other")
+
+
+def parse_json(raw: bytes, guards: JsonGuards) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyError(400, "the JSON body is not UTF-8") from None
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise BodyError(400, f"the JSON body is nested deeper than {guards.max_depth} levels") from None
+    except ValueError as exc:
+        raise BodyError(400, f"the body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None  # type: ignore[attr-defined]
+    _check(document, guards, 1)
+    return document
+
+
+def _check(value: Any, guards: JsonGuards, depth: int) -> None:
+    if isinstance(value, str):
+        if len(value) > guards.max_string:
+            raise BodyError(400, f"a JSON string is longer than {guards.max_string} characters")
+        return
+    if not isinstance(value, (dict, list)):
+        return
+    if depth > guards.max_depth:
+        raise BodyError(400, f"the JSON body is nested deeper than {guards.max_depth} levels")
+    if len(value) > guards.max_members:
+        raise BodyError(400, f"a JSON object or array has more than {guards.max_members} members")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if len(key) > guards.max_string:
+                raise BodyError(400, f"a JSON key is longer than {guards.max_string} characters")
+            _check(item, guards, depth + 1)
+    else:
+        for item in value:
+            _check(item, guards, depth + 1)
+
+
+def forwarded_body(exchange: Exchange) -> bytes | None:
+    """The body to send upstream when a policy read it (re-serialized if changed), else None."""
+    body: Body | None = exchange.state.get(STATE_KEY)
+    if body is None:
+        return None
+    data = body.serialize()
+    if body.changed:
+        exchange.upstream_headers["Content-Length"] = str(len(data))
+    return data
