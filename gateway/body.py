@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
@@ -24,7 +25,9 @@ from gateway.proxy import CONTINUE
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 STATE_KEY = "body"
-Kind = Literal["json", "form", "other"]
+Kind = Literal["json", "form", "multipart", "other"]
+_BOUNDARY = re.compile(r'boundary="?([^";]{1,70})"?', re.IGNORECASE)
+_PARAM = re.compile(rb';\s*(name|filename)="([^"]*)"', re.IGNORECASE)
 
 
 class BodyError(Exception):
@@ -44,13 +47,33 @@ class JsonGuards:
 
 
 @dataclass
+class Part:
+    """One part of a multipart/form-data body, kept byte for byte unless a policy changes it."""
+
+    head: bytes  # the part's header lines
+    content: bytes
+    name: str | None
+    is_file: bool
+
+    def text(self) -> str | None:
+        """The value of a text field (None for files and undecodable content)."""
+        if self.is_file:
+            return None
+        try:
+            return self.content.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+
+@dataclass
 class Body:
     """A body read whole: its bytes, its kind and, for json and form, the parsed value."""
 
     raw: bytes
     media_type: str
     kind: Kind
-    value: Any = None  # json: the document; form: a list of (name, value) pairs
+    value: Any = None  # json: the document; form: (name, value) pairs; multipart: Parts
+    boundary: bytes = b""  # multipart only
     changed: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -61,7 +84,24 @@ class Body:
             return json.dumps(self.value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if self.kind == "form":
             return urlencode(self.value).encode("ascii")
+        if self.kind == "multipart":
+            delimiter = b"--" + self.boundary
+            parts = b"".join(delimiter + b"\r\n" + part.head + b"\r\n\r\n" + part.content + b"\r\n" for part in self.value)
+            return parts + delimiter + b"--\r\n"
         return self.raw
+
+    def fields(self) -> list[tuple[str, str]]:
+        """(name, text) of every text field: form pairs, or multipart parts that are not files."""
+        if self.kind == "form":
+            return list(self.value)
+        if self.kind == "multipart":
+            return [(part.name, text) for part in self.value if part.name is not None and (text := part.text()) is not None]
+        return []
+
+
+def readable(kind: str) -> bool:
+    """Whether the gateway parses bodies of this media type (others stream through untouched)."""
+    return kind in ("application/json", "application/x-www-form-urlencoded", "multipart/form-data") or kind.endswith("+json")
 
 
 def media_type(exchange: Exchange) -> str:
@@ -98,7 +138,7 @@ async def read_body(exchange: Exchange, max_body: int, guards: JsonGuards, timeo
     raw = b"".join(chunks)
     kind_of = media_type(exchange)
     try:
-        body = parse(raw, kind_of, guards)
+        body = parse(raw, kind_of, guards, exchange.request.headers.get("Content-Type", ""))
     except BodyError as exc:
         return problem(exchange, exc.status, exc.detail)
     exchange.state[STATE_KEY] = body
@@ -110,7 +150,7 @@ def _too_large(exchange: Exchange, max_body: int) -> Reply:
     return problem(exchange, 413, f"the request body is larger than {max_body} bytes")
 
 
-def parse(raw: bytes, kind: str, guards: JsonGuards) -> Body:
+def parse(raw: bytes, kind: str, guards: JsonGuards, content_type: str = "") -> Body:
     if kind == "application/json" or kind.endswith("+json"):
         return Body(raw, kind, "json", parse_json(raw, guards))
     if kind == "application/x-www-form-urlencoded":
@@ -120,7 +160,37 @@ def parse(raw: bytes, kind: str, guards: JsonGuards) -> Body:
             raise BodyError(400, "the form body is not UTF-8") from None
         pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=guards.max_members)
         return Body(raw, kind, "form", pairs)
+    if kind == "multipart/form-data":
+        return parse_multipart(raw, kind, content_type, guards)
     return Body(raw, kind, "other")
+
+
+def parse_multipart(raw: bytes, kind: str, content_type: str, guards: JsonGuards) -> Body:
+    """Split a multipart/form-data body (RFC 7578) into parts without decoding file contents."""
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        if not raw:
+            return Body(raw, kind, "multipart", [], b"")
+        raise BodyError(400, "the multipart body has no boundary")
+    boundary = match.group(1).encode("latin-1")
+    delimiter = b"--" + boundary
+    chunks = raw.split(delimiter)
+    if len(chunks) < 2 or not chunks[-1].startswith(b"--"):
+        raise BodyError(400, "the multipart body is malformed (no closing boundary)")
+    parts = []
+    for chunk in chunks[1:-1]:
+        if not chunk.startswith(b"\r\n") or not chunk.endswith(b"\r\n"):
+            raise BodyError(400, "the multipart body is malformed")
+        head, separator, content = chunk[2:-2].partition(b"\r\n\r\n")
+        if not separator:
+            raise BodyError(400, "a multipart part has no header block")
+        disposition = next((line for line in head.split(b"\r\n") if line.lower().startswith(b"content-disposition:")), b"")
+        params = {key.lower(): value for key, value in _PARAM.findall(disposition)}
+        name = params[b"name"].decode("utf-8", "replace") if b"name" in params else None
+        parts.append(Part(head, content, name, b"filename" in params))
+        if len(parts) > guards.max_members:
+            raise BodyError(400, f"the multipart body has more than {guards.max_members} parts")
+    return Body(raw, kind, "multipart", parts, boundary)
 
 
 def parse_json(raw: bytes, guards: JsonGuards) -> Any:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from gateway.body import BODY_METHODS, Body, JsonGuards, read_body
+from gateway.body import BODY_METHODS, Body, JsonGuards, media_type, read_body, readable
 from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply, problem
 from gateway.sanitizer import Cleaner
@@ -140,15 +140,21 @@ class SanitizePolicy(Policy):
         return visit
 
     async def _body(self, exchange: Exchange, found: list[str]) -> Reply | None:
-        from gateway.body import media_type, parse
-
-        kind = media_type(exchange)
-        if parse(b"", kind, self.guards).kind == "other":
+        if not readable(media_type(exchange)):
             return None  # not a body this policy reads: it streams through untouched
         body = await read_body(exchange, self.settings.max_body, self.guards, self.timeout)
         if not isinstance(body, Body):
             return body
         visit = self._visit(found)
+        if body.kind == "multipart":
+            for part in body.value:  # text fields only: file parts pass through untouched
+                text = part.text()
+                if part.name is not None and text is not None:
+                    new = visit(part.name, text)
+                    if new != text:
+                        part.content = new.encode("utf-8")
+                        body.changed = True
+            return None
         if body.kind == "json":
             cleaned = walk(body.value, "", visit, self.settings.keys)
         else:

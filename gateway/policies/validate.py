@@ -256,7 +256,7 @@ class ValidatePolicy(Policy):
             return body
         if body.kind == "other":
             return None  # rules apply to JSON and form bodies; the content type was allowed
-        document = body.value if body.kind == "json" else dict(body.value)
+        document = body.value if body.kind == "json" else dict(body.fields())
         errors: list[dict[str, str]] = []
         if self.rules and not isinstance(document, dict):
             errors.append({"field": "", "rule": "type", "message": "expected a JSON object"})
@@ -267,7 +267,7 @@ class ValidatePolicy(Policy):
                     if rule.required:
                         errors.append({"field": concrete, "rule": "required", "message": "is required"})
                     continue
-                errors.extend(check(concrete, value, rule, body.kind == "form"))
+                errors.extend(check(concrete, value, rule, body.kind != "json"))
         extra = [key for key in document if key not in self.top_level] if self.rules else []
         if extra and self.settings.additional_fields == "reject":
             errors.extend({"field": key, "rule": "additional", "message": "is not an accepted field"} for key in extra)
@@ -276,6 +276,8 @@ class ValidatePolicy(Policy):
         if extra and self.settings.additional_fields == "strip":
             if body.kind == "json":
                 body.value = {k: v for k, v in body.value.items() if k not in extra}
+            elif body.kind == "multipart":
+                body.value = [part for part in body.value if part.name not in extra]
             else:
                 body.value = [(k, v) for k, v in body.value if k not in extra]
             body.changed = True
