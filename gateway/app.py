@@ -246,6 +246,12 @@ class Gateway:
             response = await self._serve(runtime, exchange)
             status = response.status
             return response
+        except ConnectionResetError:
+            # The client left while its answer was being written (before the cancellation that
+            # handler_cancellation sends arrived): nginx's 499, not a gateway error. aiohttp
+            # drops this placeholder on the closed transport.
+            exchange.notes["aborted"] = "client"
+            return web.Response(status=500)
         except Exception as error:
             log.exception("unexpected error", extra={"request_id": request_id, "path": request.path})
             if self.error_tracker is not None:

@@ -1,0 +1,407 @@
+"""What the benchmarks that serve over loopback share: processes, ports, nginx, a load generator.
+
+Every process is started in its own session (process group) and registered with a
+:class:`Processes`, whose ``close`` (run it in a ``finally``) stops each group with SIGTERM, then
+SIGKILL, so nothing outlives a run, also on Ctrl-C or an exception.
+
+Load comes from ``wrk`` when it is installed (with a small Lua script that also counts response
+statuses), else from a bundled asyncio/aiohttp generator run as its own process
+(``python -m benchmarks.common load URL SECONDS CONNECTIONS``), which reports the same fields
+but saturates far sooner than wrk. Without nginx, ``python -m benchmarks.common static PORT FILE``
+serves one file with aiohttp as the upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX = "/usr/sbin/nginx"
+WRK = "/usr/bin/wrk"
+
+# Counts the statuses of the responses and prints one JSON line at the end (latencies in µs).
+WRK_SCRIPT = r"""
+local threads = {}
+statuses = {}
+function setup(thread) table.insert(threads, thread) end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local counts = {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do counts[status] = (counts[status] or 0) + n end
+  end
+  local parts = {}
+  for status, n in pairs(counts) do table.insert(parts, string.format('"%d":%d', status, n)) end
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"latency_us":{"mean":%.1f,"max":%d,"p50":%d,"p75":%d,"p90":%d,"p99":%d,"p999":%d},"statuses":{%s}}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency.mean, latency.max, latency:percentile(50), latency:percentile(75), latency:percentile(90),
+    latency:percentile(99), latency:percentile(99.9), table.concat(parts, ",")))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_plan() -> tuple[list[int] | None, list[int] | None]:
+    """(load cores, server cores): two disjoint sets when taskset and 2+ cores exist, else (None, None)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or shutil.which("taskset") is None:
+        return None, None
+    half = len(cores) // 2
+    return cores[:half], cores[half:]
+
+
+def _taskset(cores: Sequence[int] | None) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, cores))] if cores else []
+
+
+class Processes:
+    """The processes a benchmark started; ``close`` stops them all (newest first)."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.running: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start(self, name: str, command: Sequence[str], cores: Sequence[int] | None = None, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.scratch / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        process = subprocess.Popen(
+            [*_taskset(cores), *command], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, env=env, start_new_session=True,
+        )
+        self.running.append((name, process, log))
+        return process
+
+    def log_path(self, name: str) -> Path:
+        return self.scratch / f"{name}.log"
+
+    def log_text(self, name: str) -> str:
+        try:
+            return self.log_path(name).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait(self, process: subprocess.Popen[bytes], timeout: float) -> int:
+        """Waits for a process that ends by itself (a load run); killed if it overstays."""
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(process)
+            raise
+
+    def stop(self, process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+        for entry in list(self.running):
+            if entry[1] is process:
+                self.running.remove(entry)
+                _stop_group(process, grace)
+                entry[2].close()
+
+    def close(self) -> None:
+        while self.running:
+            self.stop(self.running[-1][1])
+
+
+def _stop_group(process: subprocess.Popen[bytes], grace: float) -> None:
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        if process.poll() is not None:
+            break
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    # The leader may be gone while others of its group live on (nginx's worker): end them too.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children still running (nginx's worker), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            pids += [int(child) for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    except OSError:
+        pass
+    for each in pids:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def cores_busy(cores: Sequence[int] | None) -> float:
+    """CPU seconds the given cores (all when None) have spent busy, from /proc/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    wanted = {f"cpu{core}" for core in cores} if cores else None
+    busy = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if not re.fullmatch(r"cpu\d+", name) or (wanted is not None and name not in wanted):
+            continue
+        numbers = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+        busy += sum(numbers) - numbers[3] - numbers[4]
+    return busy / ticks
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], processes: Processes, name: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} before listening:\n{processes.log_text(name)[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} is not listening on port {port} after {timeout:g}s:\n{processes.log_text(name)[-3000:]}")
+
+
+def get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One plain GET (setup checks, not load)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback only
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# The upstream
+# ---------------------------------------------------------------------------------------------
+
+
+def payload(size: int = 1024) -> bytes:
+    """A JSON document of exactly ``size`` bytes."""
+    head = b'{"items":[],"note":"'
+    tail = b'"}\n'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+def nginx_config(scratch: Path, port: int, document: Path) -> Path:
+    """A config an unprivileged nginx can run: everything in ``scratch``, one worker."""
+    temp = scratch / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    text = f"""
+worker_processes 1;
+pid {scratch}/nginx.pid;
+error_log {scratch}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {scratch}/nginx-access.log combined buffer=256k flush=5s;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            root {document.parent};
+            default_type application/json;
+            try_files /{document.name} =404;
+        }}
+    }}
+}}
+"""
+    path = scratch / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+def start_upstream(processes: Processes, scratch: Path, cores: Sequence[int] | None) -> tuple[str, int]:
+    """nginx serving a 1 KB JSON file when installed, else a small aiohttp server: (kind, port)."""
+    www = scratch / "www"
+    www.mkdir(exist_ok=True)
+    document = www / "payload.json"
+    document.write_bytes(payload())
+    # nginx started as root serves from workers running as nobody: they must be able to read it.
+    for path in (scratch, www, document):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    port = free_port()
+    if os.path.exists(NGINX):
+        config = nginx_config(scratch, port, document)
+        command = [NGINX, "-c", str(config), "-p", str(scratch), "-e", str(scratch / "nginx-error.log"), "-g", "daemon off;"]
+        process = processes.start("nginx", command, cores)
+        wait_for_port(port, process, processes, "nginx")
+        return "nginx", port
+    process = processes.start("upstream", [sys.executable, "-m", "benchmarks.common", "static", str(port), str(document)], cores, cwd=ROOT)
+    wait_for_port(port, process, processes, "upstream")
+    return "aiohttp", port
+
+
+def serve_static(port: int, document: str) -> None:
+    from aiohttp import web
+
+    body = Path(document).read_bytes()
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tool() -> str:
+    return "wrk" if os.path.exists(WRK) else "aiohttp"
+
+
+def run_load(processes: Processes, url: str, seconds: float, connections: int, cores: Sequence[int] | None, name: str = "load") -> dict[str, Any]:
+    """Drives ``url`` for ``seconds`` with keep-alive connections; requests, req/s, latencies, statuses."""
+    if load_tool() == "wrk":
+        script = processes.scratch / "count.lua"
+        if not script.exists():
+            script.write_text(WRK_SCRIPT)
+        command = [WRK, "-t1", f"-c{connections}", f"-d{max(int(round(seconds)), 1)}s", "--latency", "-s", str(script), url]
+    else:
+        command = [sys.executable, "-m", "benchmarks.common", "load", url, str(seconds), str(connections)]
+    process = processes.start(name, command, cores, cwd=ROOT)
+    code = processes.wait(process, seconds + 30)
+    processes.stop(process)
+    output = processes.log_text(name)
+    found = re.search(r"^WRKJSON (\{.*\})$", output, re.MULTILINE)
+    if code != 0 or not found:
+        raise RuntimeError(f"the load generator failed (exit {code}):\n{output[-3000:]}")
+    result = json.loads(found.group(1))
+    result["statuses"] = {str(k): v for k, v in sorted(result["statuses"].items())}
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6) if result["duration_us"] else 0.0
+    result["tool"] = load_tool()
+    return result
+
+
+def aiohttp_load(url: str, seconds: float, connections: int) -> None:
+    """The fallback load generator: ``connections`` keep-alive loops for ``seconds``; prints WRKJSON."""
+    import asyncio
+
+    import aiohttp
+
+    async def main() -> dict[str, Any]:
+        latencies: list[float] = []
+        statuses: dict[int, int] = {}
+        errors = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
+        received = 0
+        connector = aiohttp.TCPConnector(limit=connections, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)) as session:
+            started = time.perf_counter()
+            deadline = started + seconds
+
+            async def worker() -> None:
+                nonlocal received
+                while (now := time.perf_counter()) < deadline:
+                    try:
+                        async with session.get(url) as response:
+                            body = await response.read()
+                    except asyncio.TimeoutError:
+                        errors["timeout"] += 1
+                        continue
+                    except aiohttp.ClientConnectorError:
+                        errors["connect"] += 1
+                        await asyncio.sleep(0.01)
+                        continue
+                    except aiohttp.ClientError:
+                        errors["read"] += 1
+                        continue
+                    latencies.append(time.perf_counter() - now)
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+                    if response.status >= 400:
+                        errors["status"] += 1
+                    received += len(body)
+
+            await asyncio.gather(*(worker() for _ in range(connections)))
+            elapsed = time.perf_counter() - started
+        latencies.sort()
+
+        def percentile(p: float) -> int:
+            return int(latencies[min(int(len(latencies) * p / 100), len(latencies) - 1)] * 1e6) if latencies else 0
+
+        return {
+            "requests": len(latencies), "duration_us": int(elapsed * 1e6), "bytes": received, "errors": errors,
+            "latency_us": {
+                "mean": round(statistics.fmean(latencies) * 1e6, 1) if latencies else 0.0, "max": percentile(100),
+                "p50": percentile(50), "p75": percentile(75), "p90": percentile(90), "p99": percentile(99), "p999": percentile(99.9),
+            },
+            "statuses": {str(k): v for k, v in statuses.items()},
+        }
+
+    try:
+        import uvloop
+
+        result = uvloop.run(main())
+    except ImportError:
+        result = asyncio.run(main())
+    print("WRKJSON " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
+
+
+def git_state() -> dict[str, Any]:
+    """The commit and the files that differ from it (the tree is measured as it is)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"), "changed": [line[3:] for line in git("status", "--porcelain").splitlines()]}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "static":
+        serve_static(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "load":
+        aiohttp_load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit("usage: python -m benchmarks.common static PORT FILE | load URL SECONDS CONNECTIONS")
