@@ -19,8 +19,9 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
 
 from gateway.errors import DependencyUnavailable
 from gateway.stores.base import Hit, Outcome, Store
@@ -49,7 +50,13 @@ def _host_port(url: str) -> tuple[str, int]:
 def make_client(settings: Any) -> tuple[Any, list[Any]]:
     """A redis-py asyncio client for the configured topology, and the clients it leans on
     (Sentinel's connections to the sentinels) that must be closed with it."""
-    timeouts = {"socket_timeout": settings.timeout, "socket_connect_timeout": max(settings.timeout, CONNECT_TIMEOUT)}
+    # No retries inside redis-py: a command that ran but whose reply was lost would be counted
+    # twice, and a dead Redis would cost several timeouts per call; the breaker decides instead.
+    timeouts = {
+        "socket_timeout": settings.timeout,
+        "socket_connect_timeout": max(settings.timeout, CONNECT_TIMEOUT),
+        "retry": Retry(NoBackoff(), 0),
+    }
     if settings.cluster_nodes:
         nodes = [ClusterNode(*_host_port(url)) for url in settings.cluster_nodes]
         return RedisCluster(startup_nodes=nodes, max_connections=settings.pool_size, **timeouts), []
@@ -83,10 +90,20 @@ class RedisStore(Store):
     async def _call(self, command: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
             raise DependencyUnavailable("redis is unavailable (circuit open)")
+        # The breaker must hear how every call ended, also when the request that made it is
+        # cancelled (handler_cancellation: its client left): a half-open probe that never
+        # reports keeps the breaker half-open, and Redis out of every decision, until a restart.
+        # The call is bounded by the timeout, so letting it finish costs little.
+        return await asyncio.shield(self._attempt(command, call))
+
+    async def _attempt(self, command: str, call: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
         try:
             result = await asyncio.wait_for(self._bounded(call), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # RedisError, OSError, timeouts, and redis-py's own
+            # slips (an AttributeError on a connection its cluster client closed under a command):
+            # each is a store failure that on_failure answers (never a 500), and the breaker
+            # must hear of it (a half-open probe that never reports keeps Redis out for good).
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.breaker.failed(reason)
             raise DependencyUnavailable(f"redis: {reason}") from exc
@@ -98,6 +115,13 @@ class RedisStore(Store):
 
     async def _bounded(self, call: Callable[[], Awaitable[T]]) -> T:
         async with self._slots:
+            if isinstance(self.client, RedisCluster):
+                # Until it knows the slots, redis-py sends a keyed command it has no routing
+                # flags for (EVALSHA) to one default node and follows the MOVED; every fifth
+                # MOVED (reinitialize_steps) it closes all connections, in use or not, so a
+                # burst on a new client broke commands mid-flight (500s, double counts).
+                # Learn the slots first: a no-op once known.
+                await self.client.initialize()
             return await call()
 
     def _key(self, key: str) -> str:
