@@ -148,6 +148,8 @@ class Gateway:
         self.store = store or (make_store(config) if config.redis is not None else MemoryStore(clock=clock))
         self.access_log = access_log or AccessLog(config.logging.access_log, config.logging.format == "json")
         self.metrics = metrics or Metrics(__version__)
+        for result in ("applied", "refused"):
+            self.metrics.config_reloads.labels(result=result)
         self._watch_store()
         self.runtime = Runtime(config, 1, self.store, policies, self.metrics)
         reserved = frozenset(name.lower() for name in self.runtime.forwarding.reserved)
@@ -162,10 +164,14 @@ class Gateway:
     def _watch_store(self) -> None:
         """Redis call times and breaker transitions become metrics (the store knows no metrics)."""
         store: Any = self.store
-        if not hasattr(store, "breaker"):
-            return
         metrics = self.metrics
+        if not hasattr(store, "breaker"):
+            # No Redis: no redis_up series at all, so "no Redis" never reads as "Redis down".
+            metrics.registry.unregister(metrics.redis_up)
+            return
         metrics.redis_up.set(1)
+        for state in ("open", "half_open", "closed"):  # series from the start: rate() sees the first
+            metrics.redis_circuit_transitions.labels(state=state)
         store.on_call = lambda command, seconds: metrics.redis_duration.labels(command=command).observe(seconds)
 
         def transition(state: str) -> None:

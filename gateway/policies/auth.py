@@ -259,6 +259,8 @@ class Authenticator:
             for issuer in self.issuers:
                 if issuer.jwks is not None:
                     issuer.jwks.on_fetch = lambda result: metrics.jwks_refreshes.labels(result=result).inc()
+                    for result in ("ok", "error"):
+                        metrics.jwks_refreshes.labels(result=result)
         self.cache_size = settings.cache_size
 
     async def start(self) -> None:
@@ -418,6 +420,9 @@ class AuthPolicy(Policy):
         self.strip_authorization = not self.global_settings.forward_authorization
         self.metrics = context.metrics
         self.route = context.route or UNMATCHED
+        if self.metrics is not None:  # every series exists from the start (rate() sees the first)
+            for reason in {*_REASONS.values(), "malformed", "algorithm", "claim", "invalid"}:
+                self.metrics.auth_failures.labels(route=self.route, reason=reason)
         self.roles = frozenset(settings.roles)
         self.scopes = frozenset(settings.scopes)
         self.claims = tuple(settings.claims.items())

@@ -183,6 +183,11 @@ class RateLimitPolicy(Policy):
         self.fallback: MemoryStore = context.shared("rate_limit_fallback", FallbackStore)
         self.wall_ms = lambda: int(time.time() * 1000)
         self.denied: OrderedDict[str, int] = OrderedDict()  # key → until (ms): over the limit
+        if self.metrics is not None:  # every series exists from the start (rate() sees the first)
+            for limit in self.limits:
+                for decision in ("allowed", "denied", "dry_run"):
+                    self.metrics.rate_limit_decisions.labels(route=limit.route, limit=limit.label, decision=decision)
+            self.metrics.store_fallback.labels(mode=self.on_failure)
 
     async def on_request(self, exchange: Exchange) -> Reply | None:
         now = self.wall_ms()
