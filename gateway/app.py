@@ -222,7 +222,7 @@ class Gateway:
         task = asyncio.create_task(self._retire(old))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-        log.info("config reloaded", extra={"generation": runtime.generation, "file": str(self.config_path)})
+        log.info("config reloaded", extra={"generation": runtime.generation, "file": str(self.config_path), "pid": os.getpid()})
         self.metrics.config_reloads.labels(result="applied").inc()
         return True
 
