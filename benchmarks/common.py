@@ -6,9 +6,9 @@ SIGKILL, so nothing outlives a run, also on Ctrl-C or an exception.
 
 Load comes from ``wrk`` when it is installed (with a small Lua script that also counts response
 statuses), else from a bundled asyncio/aiohttp generator run as its own process
-(``python -m benchmarks.common load URL SECONDS CONNECTIONS``), which reports the same fields
-but saturates far sooner than wrk. Without nginx, ``python -m benchmarks.common static PORT FILE``
-serves one file with aiohttp as the upstream.
+(``python -m benchmarks.common load URL SECONDS CONNECTIONS [SPEC.json]``, GETs or a rotation of
+requests with bodies), which reports the same fields but saturates far sooner than wrk. Without
+nginx, ``python -m benchmarks.common static PORT FILE`` serves one file with aiohttp as the upstream.
 """
 
 from __future__ import annotations
@@ -290,15 +290,24 @@ def load_tool() -> str:
     return "wrk" if os.path.exists(WRK) else "aiohttp"
 
 
-def run_load(processes: Processes, url: str, seconds: float, connections: int, cores: Sequence[int] | None, name: str = "load") -> dict[str, Any]:
-    """Drives ``url`` for ``seconds`` with keep-alive connections; requests, req/s, latencies, statuses."""
+def run_load(
+    processes: Processes, url: str, seconds: float, connections: int, cores: Sequence[int] | None, name: str = "load",
+    script: Path | None = None, spec: Path | None = None,
+) -> dict[str, Any]:
+    """Drives ``url`` for ``seconds`` with keep-alive connections; requests, req/s, latencies, statuses.
+
+    ``script``: a wrk Lua script to use instead of the status-counting GET one (it must print the
+    same ``WRKJSON {...}`` line; extra keys are kept). ``spec``: for the aiohttp fallback, a JSON
+    file of requests to rotate and a pattern to tally in responses (see :func:`aiohttp_load`).
+    """
     if load_tool() == "wrk":
-        script = processes.scratch / "count.lua"
-        if not script.exists():
-            script.write_text(WRK_SCRIPT)
+        if script is None:
+            script = processes.scratch / "count.lua"
+            if not script.exists():
+                script.write_text(WRK_SCRIPT)
         command = [WRK, "-t1", f"-c{connections}", f"-d{max(int(round(seconds)), 1)}s", "--latency", "-s", str(script), url]
     else:
-        command = [sys.executable, "-m", "benchmarks.common", "load", url, str(seconds), str(connections)]
+        command = [sys.executable, "-m", "benchmarks.common", "load", url, str(seconds), str(connections), *([str(spec)] if spec else [])]
     process = processes.start(name, command, cores, cwd=ROOT)
     code = processes.wait(process, seconds + 30)
     processes.stop(process)
@@ -313,15 +322,30 @@ def run_load(processes: Processes, url: str, seconds: float, connections: int, c
     return result
 
 
-def aiohttp_load(url: str, seconds: float, connections: int) -> None:
-    """The fallback load generator: ``connections`` keep-alive loops for ``seconds``; prints WRKJSON."""
+def aiohttp_load(url: str, seconds: float, connections: int, spec_file: str | None = None) -> None:
+    """The fallback load generator: ``connections`` keep-alive loops for ``seconds``; prints WRKJSON.
+
+    ``spec_file`` (JSON, optional): ``{"requests": [{"method", "headers", "body_file"}, ...],
+    "tally": REGEX}``: the requests are sent in rotation (default: one plain GET), and the groups
+    ``REGEX`` finds in each response body, joined with ":", are counted into ``"tally"``.
+    """
     import asyncio
+    import itertools
 
     import aiohttp
+
+    spec = json.loads(Path(spec_file).read_text()) if spec_file else {}
+    rotation = [
+        (r.get("method", "GET"), r.get("headers", {}), Path(r["body_file"]).read_bytes() if r.get("body_file") else None)
+        for r in spec.get("requests", [])
+    ] or [("GET", {}, None)]
+    tally_pattern = re.compile(spec["tally"]) if spec.get("tally") else None
+    turn = itertools.count()
 
     async def main() -> dict[str, Any]:
         latencies: list[float] = []
         statuses: dict[int, int] = {}
+        tally: dict[str, int] = {}
         errors = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
         received = 0
         connector = aiohttp.TCPConnector(limit=connections, force_close=False)
@@ -333,8 +357,9 @@ def aiohttp_load(url: str, seconds: float, connections: int) -> None:
             async def worker() -> None:
                 nonlocal received
                 while (now := time.perf_counter()) < deadline:
+                    method, headers, data = rotation[next(turn) % len(rotation)]
                     try:
-                        async with session.get(url) as response:
+                        async with session.request(method, url, headers=headers, data=data) as response:
                             body = await response.read()
                     except asyncio.TimeoutError:
                         errors["timeout"] += 1
@@ -351,6 +376,10 @@ def aiohttp_load(url: str, seconds: float, connections: int) -> None:
                     if response.status >= 400:
                         errors["status"] += 1
                     received += len(body)
+                    if tally_pattern is not None:
+                        found = tally_pattern.search(body.decode("utf-8", "replace"))
+                        key = ":".join(group or "" for group in found.groups()) if found else "?"
+                        tally[key] = tally.get(key, 0) + 1
 
             await asyncio.gather(*(worker() for _ in range(connections)))
             elapsed = time.perf_counter() - started
@@ -366,6 +395,7 @@ def aiohttp_load(url: str, seconds: float, connections: int) -> None:
                 "p50": percentile(50), "p75": percentile(75), "p90": percentile(90), "p99": percentile(99), "p999": percentile(99.9),
             },
             "statuses": {str(k): v for k, v in statuses.items()},
+            **({"tally": tally} if tally_pattern is not None else {}),
         }
 
     try:
@@ -386,6 +416,20 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
 
+def survivors(scratch: Path) -> list[str]:
+    """Processes whose command line mentions the scratch folder (after ``close`` there should be none)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(scratch) in command:
+                found.append(f"{entry}: {command.strip()[:120]}")
+    return found
+
+
 def git_state() -> dict[str, Any]:
     """The commit and the files that differ from it (the tree is measured as it is)."""
 
@@ -401,7 +445,7 @@ def git_state() -> dict[str, Any]:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "static":
         serve_static(int(sys.argv[2]), sys.argv[3])
-    elif len(sys.argv) == 5 and sys.argv[1] == "load":
-        aiohttp_load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+    elif len(sys.argv) in (5, 6) and sys.argv[1] == "load":
+        aiohttp_load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) == 6 else None)
     else:
-        sys.exit("usage: python -m benchmarks.common static PORT FILE | load URL SECONDS CONNECTIONS")
+        sys.exit("usage: python -m benchmarks.common static PORT FILE | load URL SECONDS CONNECTIONS [SPEC.json]")
