@@ -83,6 +83,18 @@ def walk(value: Any, path: str, visit: Any, keys: bool) -> Any:
     return value
 
 
+def might_hold_markup(raw: bytes, kind: str) -> bool:
+    """False when no value of the body can contain "<": JSON may also write it \\u003c, a form
+    %3C; a multipart body is checked whole."""
+    if b"<" in raw:
+        return True
+    if kind == "json":
+        return b"\\u003c" in raw.lower()
+    if kind == "form":
+        return b"%3c" in raw.lower()
+    return False
+
+
 class SanitizePolicy(Policy):
     name = "sanitize"
     settings_type = SanitizeSettings
@@ -145,6 +157,8 @@ class SanitizePolicy(Policy):
         body = await read_body(exchange, self.settings.max_body, self.guards, self.timeout)
         if not isinstance(body, Body):
             return body
+        if not might_hold_markup(body.raw, body.kind):
+            return None  # the hot path: no string of this body can hold a "<"
         visit = self._visit(found)
         if body.kind == "multipart":
             for part in body.value:  # text fields only: file parts pass through untouched
