@@ -1,0 +1,107 @@
+"""HTTP caching decisions of a shared cache (RFC 9111), as plain functions the cache policy uses.
+
+- ``storable``: may a shared cache store this response at all (§3, §3.5, §5.2.2)?
+- ``freshness_lifetime``: for how long is it fresh (§4.2.1): s-maxage, then max-age, then Expires
+  minus Date, then the route's ttl (or, for heuristically cacheable statuses with Last-Modified,
+  10% of its age, §4.2.2).
+- ``current_age``: the Age a stored response has now (§4.2.3).
+
+Directives are parsed leniently (what upstreams send), case-insensitively, keeping arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Mapping
+
+# RFC 9110 §15.1: statuses a cache may store without explicit freshness (heuristically).
+HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+HEURISTIC_FRACTION = 0.1  # §4.2.2: "typical setting of this fraction might be 10%"
+HEURISTIC_MAX = 86400.0  # and never more than a day, as browsers and Varnish cap it
+
+
+def directives(value: str | None) -> dict[str, str | None]:
+    """Cache-Control as {directive: argument}; unknown directives are kept, quotes removed."""
+    found: dict[str, str | None] = {}
+    if not value:
+        return found
+    for part in value.split(","):
+        name, equals, argument = part.strip().partition("=")
+        name = name.strip().lower()
+        if name and name not in found:  # §4.2.1: the first of duplicates
+            found[name] = argument.strip().strip('"') if equals else None
+    return found
+
+
+def _seconds(argument: str | None) -> float | None:
+    if argument is None or not argument.isdigit():
+        return None  # §1.2.2: an invalid delta-seconds is ignored
+    return float(argument)
+
+
+def _date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Freshness:
+    lifetime: float  # seconds the response is fresh for, from its generation
+    explicit: bool  # from the upstream's headers (not the route's ttl or a heuristic)
+    public: bool  # explicitly public or s-maxage: may answer requests with Authorization
+
+
+def storable(status: int, method: str, request_cc: Mapping[str, str | None], response_cc: Mapping[str, str | None], has_authorization: bool, has_set_cookie: bool, allow_set_cookie: bool, override: bool) -> bool:
+    """Whether a shared cache may store the response (RFC 9111 §3)."""
+    if method not in ("GET", "HEAD"):
+        return False
+    if "no-store" in request_cc:
+        return False
+    if has_set_cookie and not allow_set_cookie:
+        return False
+    if override:
+        return status in HEURISTIC_STATUSES or 200 <= status < 300
+    if "no-store" in response_cc or "private" in response_cc:
+        return False
+    if has_authorization and not ("public" in response_cc or "s-maxage" in response_cc or "must-revalidate" in response_cc):
+        return False  # §3.5
+    return status in HEURISTIC_STATUSES or "max-age" in response_cc or "s-maxage" in response_cc or "public" in response_cc
+
+
+def freshness(headers: Mapping[str, str], response_cc: Mapping[str, str | None], status: int, now: float, ttl: float | None, override: bool) -> Freshness:
+    """How long the response is fresh (RFC 9111 §4.2.1), with the route's ttl when none is given."""
+    public = "public" in response_cc or "s-maxage" in response_cc
+    if override and ttl is not None:
+        return Freshness(ttl, False, public)
+    for name in ("s-maxage", "max-age"):
+        seconds = _seconds(response_cc.get(name)) if name in response_cc else None
+        if seconds is not None:
+            return Freshness(seconds, True, public)
+    expires = headers.get("Expires")
+    if expires is not None:
+        at = _date(expires)
+        generated = _date(headers.get("Date")) or now
+        return Freshness(max((at or 0.0) - generated, 0.0), True, public)  # an invalid Expires is in the past
+    if ttl is not None:
+        return Freshness(ttl, False, public)
+    modified = _date(headers.get("Last-Modified"))
+    if modified is not None and status in HEURISTIC_STATUSES:
+        generated = _date(headers.get("Date")) or now
+        return Freshness(min(max(generated - modified, 0.0) * HEURISTIC_FRACTION, HEURISTIC_MAX), False, public)
+    return Freshness(0.0, False, public)
+
+
+def current_age(headers: Mapping[str, str], request_time: float, response_time: float, now: float) -> float:
+    """RFC 9111 §4.2.3: the corrected initial age plus the time resident in the cache."""
+    age_value = _seconds(headers.get("Age")) or 0.0
+    date_value = _date(headers.get("Date")) or response_time
+    apparent_age = max(0.0, response_time - date_value)
+    response_delay = response_time - request_time
+    corrected_age_value = age_value + response_delay
+    corrected_initial_age = max(apparent_age, corrected_age_value)
+    return corrected_initial_age + (now - response_time)
