@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -124,12 +125,15 @@ async def read_body(exchange: Exchange, max_body: int, guards: JsonGuards, timeo
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > max_body:
-                    return _too_large(exchange, max_body)
-                chunks.append(chunk)
+        while True:
+            async with asyncio.timeout(timeout):  # listen.limits.body_timeout: between two reads
+                chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_body:
+                return _too_large(exchange, max_body)
+            chunks.append(chunk)
     except TimeoutError:
         return problem(exchange, 408, "the request body was not received in time")
     except aiohttp.http_exceptions.HttpProcessingError:
@@ -158,7 +162,12 @@ def parse(raw: bytes, kind: str, guards: JsonGuards, content_type: str = "") -> 
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise BodyError(400, "the form body is not UTF-8") from None
-        pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=guards.max_members)
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=guards.max_members)
+        except UnicodeDecodeError:  # percent-encoded bytes that are not UTF-8
+            raise BodyError(400, "the form body is not UTF-8") from None
+        except ValueError:
+            raise BodyError(400, f"the form body has more than {guards.max_members} fields") from None
         return Body(raw, kind, "form", pairs)
     if kind == "multipart/form-data":
         return parse_multipart(raw, kind, content_type, guards)
@@ -199,13 +208,38 @@ def parse_json(raw: bytes, guards: JsonGuards) -> Any:
     except UnicodeDecodeError:
         raise BodyError(400, "the JSON body is not UTF-8") from None
     try:
-        document = json.loads(text)
+        document = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise BodyError(400, f"the JSON body is nested deeper than {guards.max_depth} levels") from None
-    except ValueError as exc:
-        raise BodyError(400, f"the body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None  # type: ignore[attr-defined]
+    except json.JSONDecodeError as exc:
+        raise BodyError(400, f"the body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except ValueError:  # int(): more digits than sys.get_int_max_str_digits() (CVE-2020-10735)
+        raise BodyError(400, "the JSON body holds a number too long to read") from None
     _check(document, guards, 1)
     return document
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 8259 §4: with duplicate names, parsers disagree on which value wins; the gateway would
+    # check one copy and forward the raw body, whose other copy the upstream may read.
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise BodyError(400, f"the JSON body has a duplicate key {key[:64]!r}")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity; JSON has no such numbers (RFC 8259 §6).
+    raise BodyError(400, f"the JSON body holds {name}, which is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise BodyError(400, f"the JSON body holds a number too large to represent: {text[:32]}")
+    return value
 
 
 def _check(value: Any, guards: JsonGuards, depth: int) -> None:

@@ -8,7 +8,8 @@ text instead of dropped), not as the default.
 What a string becomes (``Cleaner.clean``):
 
 - A string without ``<`` cannot contain an element, attribute or comment for an HTML parser, so
-  it is returned as it is without calling the engine (the hot path: most JSON strings).
+  with ``output: text`` it is returned as it is without calling the engine (the hot path: most
+  JSON strings); with HTML output only when it holds no ``&`` or ``>`` either (``unchanged``).
 - Otherwise the engine removes every element not allowed (none by default), every attribute
   not allowed, URLs with schemes not allowed, comments, and the contents of script, style and
   similar elements (removed, not turned into text).
@@ -67,12 +68,23 @@ class Cleaner:
             self._bleach_module = bleach
 
     def clean(self, value: str) -> str:
-        if "<" not in value:
+        if self.unchanged(value):
             return value
         cleaned = self._clean(value)
         if self.html_out:
             return cleaned
         return _TAG_OPEN.sub("&lt;", html.unescape(cleaned))
+
+    def unchanged(self, value: str) -> bool:
+        """Whether ``clean`` returns the value as it is, without asking the engine (the hot path).
+
+        Without ``<`` there is no element, attribute or comment, so text output is the value
+        itself; HTML output still writes ``&`` and ``>`` as ``&amp;`` and ``&gt;`` (``Tom & Jerry``
+        → ``Tom &amp; Jerry``), so those strings go through the engine too.
+        """
+        if "<" in value:
+            return False
+        return not self.html_out or ("&" not in value and ">" not in value)
 
     def has_markup(self, value: str) -> bool:
         """Whether cleaning would change the value's meaning (for mode: reject)."""
@@ -87,7 +99,9 @@ class Cleaner:
             value,
             tags=set(self.tags),
             clean_content_tags=set(CONTENT_DROPPED - self.tags),
-            attributes={tag: set(names) for tag, names in self.attributes.items()},
+            # ammonia keeps lang and title on every allowed tag unless "*" says otherwise; only
+            # the configured attributes are kept (as with bleach).
+            attributes={"*": set(), **{tag: set(names) for tag, names in self.attributes.items()}},
             url_schemes=set(self.protocols),
             strip_comments=True,
             link_rel=None,

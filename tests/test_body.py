@@ -44,3 +44,12 @@ async def test_a_clean_body_reaches_the_upstream_byte_for_byte(upstream, start_g
     async with client.post(gateway.url + "/p", data=body, headers={"Content-Type": "application/json"}) as response:
         assert response.status == 200
     assert upstream.requests[0].body == body
+
+
+async def test_with_html_output_a_body_without_markup_is_still_escaped(upstream, start_gateway, client) -> None:
+    config = base_config(upstream.url)
+    config["routes"][0]["sanitize"] = {"mode": "strip", "output": "html"}
+    gateway = await start_gateway(config)
+    async with client.post(gateway.url + "/p", json={"title": "Tom & Jerry"}) as response:
+        assert response.status == 200
+    assert json.loads(upstream.requests[0].body) == {"title": "Tom &amp; Jerry"}

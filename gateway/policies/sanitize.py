@@ -3,15 +3,18 @@
 ``mode: strip`` rewrites every string value (or only ``fields``) with the route's Cleaner
 (gateway.sanitizer: nh3 by default, bleach selectable); ``mode: reject`` answers 422 naming
 every field that held markup, and forwards nothing. Non-string JSON values are never touched;
-strings without ``<`` skip the engine. The rewritten body is serialized once, with its new
-Content-Length (gateway.body). Other content types pass through untouched.
+strings without ``<`` skip the engine (with HTML output, only those without ``&`` and ``>`` too:
+``Cleaner.unchanged``). The rewritten body is serialized once, with its new Content-Length
+(gateway.body). Other content types pass through untouched.
 
-Field paths: ``bio``, ``address.city``, ``items[].note`` (every item of the array). Form fields
-are named by their field name; query parameters likewise.
+Field paths: ``bio``, ``address.city``, ``items[].note`` (every item of the array); a rejection
+names the item (``items[1].note``). Form fields are named by their field name; query parameters
+likewise.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -24,6 +27,7 @@ from gateway.sanitizer import Cleaner
 from gateway.settings import Settings, Size
 
 PATH = r"^[A-Za-z0-9_$-]+(\[\])?(\.[A-Za-z0-9_$-]+(\[\])?)*$"
+_ITEM = re.compile(r"\[\d+\]")  # items[1].note → items[].note, to match ``fields``
 
 
 class JsonLimits(Settings):
@@ -67,12 +71,15 @@ class SanitizeSettings(Settings):
 
 
 def walk(value: Any, path: str, visit: Any, keys: bool) -> Any:
-    """Call ``visit(path, string)`` for every string of a JSON value; return the new value."""
+    """Call ``visit(path, string)`` for every string of a JSON value; return the new value.
+
+    Paths name the item (``items[1].note``), so a rejection names each field that held markup;
+    ``fields`` are matched with the indexes written ``[]`` (``items[].note``).
+    """
     if isinstance(value, str):
         return visit(path, value)
     if isinstance(value, list):
-        item_path = f"{path}[]"
-        return [walk(item, item_path, visit, keys) for item in value]
+        return [walk(item, f"{path}[{index}]", visit, keys) for index, item in enumerate(value)]
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
@@ -136,12 +143,15 @@ class SanitizePolicy(Policy):
 
     def _visit(self, found: list[str]) -> Any:
         cleaner, fields, reject = self.cleaner, self.fields, self.reject
+        unchanged, text_out = cleaner.unchanged, not cleaner.html_out
 
         def visit(path: str, value: str) -> str:
-            if "<" not in value:  # the hot path: nothing an HTML parser would read as markup
+            # The hot path: nothing an HTML parser would read as markup (and, for HTML output,
+            # nothing to escape: Cleaner.unchanged); the text case without a method call.
+            if "<" not in value and (text_out or unchanged(value)):
                 return value
             field = path[:-4] if path.endswith("#key") else path
-            if fields is not None and field not in fields:
+            if fields is not None and _ITEM.sub("[]", field) not in fields:
                 return value
             if reject:
                 if cleaner.has_markup(value):
@@ -157,8 +167,8 @@ class SanitizePolicy(Policy):
         body = await read_body(exchange, self.settings.max_body, self.guards, self.timeout)
         if not isinstance(body, Body):
             return body
-        if not might_hold_markup(body.raw, body.kind):
-            return None  # the hot path: no string of this body can hold a "<"
+        if not self.cleaner.html_out and not might_hold_markup(body.raw, body.kind):
+            return None  # the hot path: no string of this body can hold a "<" (text output)
         visit = self._visit(found)
         if body.kind == "multipart":
             for part in body.value:  # text fields only: file parts pass through untouched

@@ -13,6 +13,7 @@ boolean rules check that the text parses as one.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import re
 from typing import Any, Literal
@@ -29,9 +30,8 @@ from gateway.policies.sanitize import PATH, JsonLimits
 from gateway.settings import Settings, Size
 
 PATTERN_INPUT_LIMIT = 1024
-# A group containing + or * (or {n,}) that is itself repeated: (a+)+, (\w*)*, (a|aa)+ ...
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})")
-_ALTERNATION_REPEATED = re.compile(r"\((?:[^()\\]|\\.)*\|(?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})")
+_REPEAT = re.compile(r"[+*]|\{\d*,\d*\}")  # quantifiers that repeat without a small fixed count
+_PHONE_TEXT = re.compile(r"\+?[0-9 ().-]{1,40}", re.ASCII)  # phonenumbers finds numbers inside any text
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")  # RFC 3339 §5.6
 
@@ -53,7 +53,7 @@ class FieldRule(Settings):
     @field_validator("pattern", mode="before")
     @classmethod
     def _safe_pattern(cls, value: Any) -> Any:
-        if isinstance(value, str) and (_NESTED_QUANTIFIER.search(value) or _ALTERNATION_REPEATED.search(value)):
+        if isinstance(value, str) and _repeats_a_repetition(value):
             raise PydanticCustomError(
                 "pattern", "the pattern {got} repeats a group that itself repeats or alternates: it can take exponential time on a crafted input (ReDoS); rewrite it without nesting",
                 {"got": repr(value)},
@@ -90,10 +90,45 @@ class ValidateSettings(Settings):
         return tuple(v.lower() for v in value) if value is not None else None
 
 
+def _repeats_a_repetition(pattern: str) -> bool:
+    """Whether a repeated group holds, at any depth, a quantifier or an alternation: (a+)+,
+    ((\\w+)\\s?)+, (a|aa)*, the shapes of catastrophic backtracking. Conservative: it also refuses
+    some safe patterns such as (-[a-z]+)*."""
+    risky: list[bool] = []  # per open group: whether it holds a quantifier or an alternation
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "[":  # a class: its brackets and parentheses are literal (a leading ] too)
+            i += 2 if pattern.startswith("[^", i) else 1
+            i += 1 if pattern.startswith("]", i) else 0
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+        elif char == "(":
+            risky.append(False)
+        elif char == ")" and risky:
+            inner = risky.pop()
+            repeated = _REPEAT.match(pattern, i + 1) is not None
+            if inner and repeated:
+                return True
+            if risky and (inner or repeated):
+                risky[-1] = True
+        elif char == "|" and risky:
+            risky[-1] = True
+        elif _REPEAT.match(pattern, i) and risky:
+            risky[-1] = True
+        i += 1
+    return False
+
+
 # -- formats --------------------------------------------------------------------------------
 
 
 def _phone(value: str, region: str | None) -> bool:
+    if not _PHONE_TEXT.fullmatch(value):
+        return False
     try:
         number = phonenumbers.parse(value, region)
     except phonenumbers.NumberParseException:
@@ -168,6 +203,11 @@ def _from_text(value: str, wanted: str) -> Any:
     return value
 
 
+def _in_enum(value: Any, options: tuple[Any, ...]) -> bool:
+    # Python's True == 1 and False == 0; JSON's true is not 1.
+    return any(value == option and isinstance(value, bool) == isinstance(option, bool) for option in options)
+
+
 def check(path: str, value: Any, rule: FieldRule, from_form: bool) -> list[dict[str, str]]:
     """Every rule this value breaks (none when it is valid)."""
     if from_form and rule.type in ("integer", "number", "boolean") and isinstance(value, str):
@@ -181,7 +221,7 @@ def check(path: str, value: Any, rule: FieldRule, from_form: bool) -> list[dict[
     if rule.type is not None and kind != rule.type and not (rule.type == "number" and kind == "integer"):
         fail("type", f"expected {rule.type}, got {kind}")
         return errors
-    if rule.enum is not None and value not in rule.enum:
+    if rule.enum is not None and not _in_enum(value, rule.enum):
         fail("enum", f"expected one of {', '.join(map(str, rule.enum))}")
     if isinstance(value, (str, list)):
         if rule.min_length is not None and len(value) < rule.min_length:
@@ -255,8 +295,13 @@ class ValidatePolicy(Policy):
             self._count("too_large" if body.status == 413 else "malformed")
             return body
         if body.kind == "other":
-            return None  # rules apply to JSON and form bodies; the content type was allowed
-        document = body.value if body.kind == "json" else dict(body.fields())
+            if self.rules and self.content_types is None:
+                # Without content_types, a body the rules cannot be checked on must not pass them.
+                self._count("content_type")
+                return problem(exchange, 415, "expected a JSON or form body (the route validates fields)")
+            return None  # rules apply to JSON and form bodies; this content type was allowed
+        pairs = body.fields() if body.kind != "json" else []
+        document = body.value if body.kind == "json" else dict(pairs)
         errors: list[dict[str, str]] = []
         if self.rules and not isinstance(document, dict):
             errors.append({"field": "", "rule": "type", "message": "expected a JSON object"})
@@ -268,6 +313,8 @@ class ValidatePolicy(Policy):
                         errors.append({"field": concrete, "rule": "required", "message": "is required"})
                     continue
                 errors.extend(check(concrete, value, rule, body.kind != "json"))
+        if body.kind != "json" and len(pairs) > len(document):
+            errors.extend(self._check_earlier_copies(pairs))
         extra = [key for key in document if key not in self.top_level] if self.rules else []
         if extra and self.settings.additional_fields == "reject":
             errors.extend({"field": key, "rule": "additional", "message": "is not an accepted field"} for key in extra)
@@ -282,6 +329,18 @@ class ValidatePolicy(Policy):
                 body.value = [(k, v) for k, v in body.value if k not in extra]
             body.changed = True
         return None
+
+    def _check_earlier_copies(self, pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
+        """A form field sent more than once: upstreams differ on which copy they read (first,
+        last, all), so every copy is checked; the last one already was, with the document."""
+        rules = {path: rule for path, parts, rule in self.rules if len(parts) == 1 and not path.endswith("[]")}
+        remaining = collections.Counter(name for name, _ in pairs)
+        errors = []
+        for name, value in pairs:
+            remaining[name] -= 1
+            if remaining[name] and name in rules:
+                errors.extend(check(name, value, rules[name], True))
+        return errors
 
     def _refuse(self, exchange: Exchange, errors: list[dict[str, str]]) -> Reply:
         self._count(errors[0]["rule"])
