@@ -31,6 +31,17 @@ from gateway.config import parse_config
 from gateway.server import Listeners, open_listeners
 
 ROOT = Path(__file__).resolve().parent.parent
+# Debian's chromium, driven by the playwright package (`playwright install` is never run).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:

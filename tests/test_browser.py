@@ -16,18 +16,8 @@ from playwright.async_api import Browser, async_playwright
 
 from gateway.policies.cors import CorsPolicy
 from gateway.policies.headers import SecurityHeadersPolicy
-from tests.conftest import base_config
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, base_config
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 PAGE = """<!doctype html>
 <html><head><title>shop</title>

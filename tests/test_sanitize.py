@@ -24,20 +24,10 @@ from yarl import URL
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
-from tests.conftest import assert_problem, base_config
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, assert_problem, base_config
 from tests.xss_corpus import CATEGORIES, VECTORS, Vector, render
 
 ENGINES = ("nh3", "bleach")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 # Three ways a route may sanitize: plain text (the default), HTML-escaped text, and a rich-text
 # field that keeps some markup. The corpus runs through each, on each engine.
