@@ -141,3 +141,20 @@ async def test_with_two_workers_every_scrape_sees_all_requests(upstream, gateway
             _, samples = await scrape(scraper, process.admin_url)
         seen.add(value(samples, "http_request_duration_seconds_count", method="GET", route="all", status_code="200"))
     assert seen == {total}
+
+
+async def test_a_target_removed_by_a_reload_leaves_the_exposition(upstream_factory, start_gateway, client) -> None:
+    import yaml
+
+    first, second = await upstream_factory(), await upstream_factory()
+    config = base_config(first.url)
+    gateway = await start_gateway(config)
+    _, samples = await scrape(client, gateway.admin_url)
+    assert value(samples, "upstream_target_up", upstream="api", target=first.url) == 1
+    config["upstreams"]["api"]["targets"] = [second.url]
+    config["listen"]["port"] = gateway.port
+    gateway.gateway.config_path.write_text(yaml.safe_dump(config))  # type: ignore[union-attr]
+    assert await gateway.gateway.reload()
+    _, samples = await scrape(client, gateway.admin_url)
+    assert ("upstream_target_up", (("target", first.url), ("upstream", "api"))) not in samples
+    assert value(samples, "upstream_target_up", upstream="api", target=second.url) == 1
