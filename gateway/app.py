@@ -314,13 +314,14 @@ class Gateway:
                     async with route.upstream.forward(exchange, body) as upstream:
                         self._observe_upstream(route, exchange, str(upstream.status), sent)
                         reply = Reply(upstream.status, response_headers(upstream), upstream=upstream)
+                        await pipeline.on_upstream(exchange, reply)
                         pipeline.on_response(exchange, reply)
                         reply.headers["X-Request-ID"] = exchange.request_id
                         return await send(request, reply, exchange)
                 except UpstreamError as exc:
                     self._observe_upstream(route, exchange, type(exc).__name__, sent)
                     retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, NoHealthyTarget) else None
-                    reply = problem(exchange, exc.status, exc.detail, retry)
+                    reply = await pipeline.on_upstream_error(exchange, exc) or problem(exchange, exc.status, exc.detail, retry)
                 except ClientBodyError as exc:
                     reply = problem(exchange, exc.status, exc.detail)
         assert reply is not None

@@ -70,6 +70,10 @@ class Metrics:
         self.redis_circuit_transitions = Counter("redis_circuit_transitions", "Circuit breaker transitions towards Redis.", ("state",), registry=r)
         self.redis_duration = Histogram("redis_command_duration_seconds", "Redis calls as the gateway sees them.", ("command",), buckets=REDIS_BUCKETS, registry=r)
         self.auth_failures = Counter("auth_failures", "Requests refused by auth.", ("route", "reason"), registry=r)
+        self.cache_requests = Counter(
+            "cache_requests", "Requests on cached routes by result: hit, stale (served stale), miss, bypass. Hit ratio: hit / all.",
+            ("route", "result"), registry=r,
+        )  # fmt: skip
         self.sanitize_rejections = Counter("sanitize_rejections", "Requests refused by sanitize (mode: reject).", ("route", "reason"), registry=r)
         self.validation_failures = Counter(
             "validation_failures", "Requests refused by validate, by the first failed rule (or body: too_large, content_type, malformed).",

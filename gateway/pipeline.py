@@ -156,6 +156,15 @@ class Policy:
         """
         return None
 
+    async def on_upstream(self, exchange: Exchange, reply: Reply) -> None:
+        """The upstream's response head has arrived (reply.upstream): a policy may read the body
+        into reply.body (setting reply.upstream to None), e.g. to store it, or replace the reply's
+        status and headers (a 304 revalidating a stored response). Runs before on_response."""
+
+    async def on_upstream_error(self, exchange: Exchange, error: Exception) -> Reply | None:
+        """The upstream failed (502/503/504): return a Reply to answer instead (a stale copy)."""
+        return None
+
     def on_response(self, exchange: Exchange, reply: Reply) -> None:
         """Adjust a response (upstream or local) in place before it is sent."""
 
@@ -170,7 +179,7 @@ def _overrides(policy: Policy, hook: str) -> bool:
 class Pipeline:
     """A route's policies in order: request hooks forward, response hooks in reverse."""
 
-    __slots__ = ("policies", "answers_preflight", "_request", "_response")
+    __slots__ = ("policies", "answers_preflight", "_request", "_response", "_upstream", "_upstream_error")
 
     def __init__(self, policies: Sequence[Policy]) -> None:
         ordered = list(policies)
@@ -184,6 +193,8 @@ class Pipeline:
         self.policies = tuple(ordered)
         self.answers_preflight = any(p.answers_preflight for p in self.policies)
         self._request = tuple(p for p in self.policies if _overrides(p, "on_request"))
+        self._upstream = tuple(p for p in self.policies if _overrides(p, "on_upstream"))
+        self._upstream_error = tuple(p for p in self.policies if _overrides(p, "on_upstream_error"))
         self._response: tuple[Callable[[Exchange, Reply], None], ...] = tuple(
             p.on_response for p in reversed(self.policies) if _overrides(p, "on_response")
         )
@@ -194,6 +205,17 @@ class Pipeline:
                 reply = await policy.on_request(exchange)
             except DependencyUnavailable as exc:
                 reply = self._failed(policy, exchange, exc)
+            if reply is not None:
+                return reply
+        return None
+
+    async def on_upstream(self, exchange: Exchange, reply: Reply) -> None:
+        for policy in self._upstream:
+            await policy.on_upstream(exchange, reply)
+
+    async def on_upstream_error(self, exchange: Exchange, error: Exception) -> Reply | None:
+        for policy in self._upstream_error:
+            reply = await policy.on_upstream_error(exchange, error)
             if reply is not None:
                 return reply
         return None

@@ -250,6 +250,7 @@ async def scrape_a_busy_gateway(upstream: Any, start_gateway: Any, redis_server:
     config["routes"] = [
         {"name": "dead", "match": {"path": "/dead"}, "upstream": "dead"},
         {"name": "limited", "match": {"path": "/limited"}, "upstream": "api", "rate_limit": [{"key": "ip", "limit": 1000, "window": "1m"}]},
+        {"name": "cached", "match": {"path": "/cached"}, "upstream": "api", "cache": {"ttl": "1m"}},
         {
             "name": "forms", "match": {"path": "/forms"}, "upstream": "api",
             "sanitize": {"mode": "reject"}, "validate": {"content_types": ["application/json"]},
@@ -278,6 +279,8 @@ async def scrape_a_busy_gateway(upstream: Any, start_gateway: Any, redis_server:
         ("/", {"Authorization": f"Bearer {token}"}),  # over the limit: refused (429)
         ("/dead", {}),  # 502, the target ejected
         ("/limited", {}),
+        ("/cached", {}),  # a miss, stored
+        ("/cached", {}),  # a hit
     ]:
         async with client.get(gateway.url + path, headers=headers) as response:
             await response.read()
@@ -286,7 +289,7 @@ async def scrape_a_busy_gateway(upstream: Any, start_gateway: Any, redis_server:
         async with client.post(gateway.url + "/forms", data=body, headers={"Content-Type": content_type}) as response:
             await response.read()
             statuses.append(response.status)
-    assert statuses == [200, 401, 200, 429, 502, 200, 422, 415]
+    assert statuses == [200, 401, 200, 429, 502, 200, 200, 200, 422, 415]
     assert await gateway.gateway.reload()
     redis_server.stop()
     for _ in range(4):  # fallback decisions; the breaker opens after three failures

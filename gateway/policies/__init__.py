@@ -9,6 +9,7 @@ allowed under ``defaults``), validated by its ``settings_type``.
 from __future__ import annotations
 
 from gateway.pipeline import Policy
+from gateway.policies.cache import CachePolicy
 from gateway.policies.auth import AuthPolicy
 from gateway.policies.cdn import CdnPolicy
 from gateway.policies.cors import CorsPolicy
@@ -27,4 +28,5 @@ POLICIES: tuple[type[Policy], ...] = (
     AuthPolicy,
     SanitizePolicy,  # rewrites bodies first, so validate checks what the upstream will get
     ValidatePolicy,
+    CachePolicy,  # last: a hit answers after every check; its response hook runs first (stores what the upstream said)
 )

@@ -1,0 +1,467 @@
+"""The ``cache`` policy: a shared HTTP cache in front of the upstream (RFC 9111).
+
+``cache: {ttl: 5m, stale_while_revalidate: 30s, stale_if_error: 10m}``. What it does:
+
+- GET and HEAD only (HEAD is answered from a stored GET). The key is built from the host, the
+  normalised path, the query (sorted; ``ignore_query`` or ``key_query`` narrow it), configured
+  request headers and, with ``key: [user]``, the authenticated user.
+- Storable responses (gateway.freshness.storable): heuristically cacheable statuses or explicit
+  freshness; never ``no-store``/``private`` (unless ``override``), never Set-Cookie (unless
+  ``allow_set_cookie``), never Vary: *. Requests with Authorization are answered only from
+  entries the upstream marked public/s-maxage, or when the route keys by user.
+- Freshness: s-maxage, max-age, Expires, else the route's ``ttl`` (``override: true`` makes ttl
+  win); Age is set on hits. Vary gives one entry per variant.
+- Every response of the route says what happened in an RFC 9211 ``Cache-Status`` header.
+- A fresh entry answers conditional requests (If-None-Match, If-Modified-Since) with 304. A stale
+  one is revalidated with the upstream (If-None-Match / If-Modified-Since from its ETag and
+  Last-Modified); a 304 refreshes it. Within ``stale_while_revalidate`` the stale copy is served
+  and refreshed in the background; within ``stale_if_error`` it answers when the upstream fails.
+- Concurrent misses for one key make one upstream request: the others wait for it (single
+  flight in the process, bounded by ``lock_timeout``).
+- A successful POST, PUT, PATCH or DELETE removes the entries of its URI (§4.4).
+- Storage: the gateway's store (Redis when configured, shared by every gateway process and kept
+  across restarts; else the embedded memory store), behind an in-process LRU bounded in bytes
+  when the store is shared. Bodies over 1 KiB are compressed; entries over ``max_entry_size``
+  (and responses without Content-Length) are not stored. When the store fails, the cache is
+  bypassed (or the local layer answers): never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from multidict import CIMultiDict
+from pydantic import Field
+
+from gateway.errors import DependencyUnavailable
+from gateway.freshness import current_age, directives, freshness, storable
+from gateway.metrics import UNMATCHED
+from gateway.pipeline import Exchange, Policy, PolicyContext, Reply
+from gateway.settings import Duration, Settings, Size
+
+log = logging.getLogger("gateway")
+
+CACHEABLE = frozenset({"GET", "HEAD"})
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+COMPRESS_OVER = 1024
+NOT_STORED_HEADERS = frozenset({"set-cookie", "age", "cache-status", "x-request-id", "connection", "keep-alive", "transfer-encoding"})
+CACHE_NAME = "gateway"  # the cache's name in Cache-Status (RFC 9211 §2)
+
+
+class CacheSettings(Settings):
+    ttl: Duration = Field(300.0, ge=0, description="freshness when the upstream gives none (or always, with override)")
+    override: bool = Field(False, description="ttl wins over the upstream's Cache-Control and Expires; private/no-store responses are stored too")
+    stale_while_revalidate: Duration = Field(0.0, ge=0, description="serve a stale entry this long after it expired while refreshing it in the background")
+    stale_if_error: Duration = Field(0.0, ge=0, description="serve a stale entry this long after it expired when the upstream fails")
+    key: tuple[Literal["user"], ...] = Field((), description="[user]: one entry per authenticated user")
+    key_headers: tuple[str, ...] = Field((), description="request headers that are part of the key")
+    ignore_query: bool = Field(False, description="the query is not part of the key")
+    key_query: tuple[str, ...] | None = Field(None, description="only these query parameters are part of the key")
+    allow_set_cookie: bool = Field(False, description="store responses with Set-Cookie (the cookie is never stored)")
+    max_entry_size: Size = Field(1024 * 1024, gt=0, description="larger bodies are not stored")
+    local_size: Size = Field(64 * 1024 * 1024, ge=0, description="bytes of entries kept in the process in front of a shared store")
+    lock_timeout: Duration = Field(5.0, gt=0, description="how long concurrent misses wait for the one upstream request")
+
+
+@dataclass
+class Entry:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    request_time: float
+    response_time: float
+    lifetime: float
+    public: bool
+
+    def encode(self) -> bytes:
+        body, compressed = self.body, False
+        if len(body) > COMPRESS_OVER:
+            packed = zlib.compress(body, 1)
+            if len(packed) < len(body):
+                body, compressed = packed, True
+        meta = {
+            "s": self.status, "h": self.headers, "q": self.request_time, "r": self.response_time,
+            "l": self.lifetime, "p": self.public, "z": compressed,
+        }  # fmt: skip
+        return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Entry":
+        head, _, body = raw.partition(b"\n")
+        meta = json.loads(head)
+        if meta["z"]:
+            body = zlib.decompress(body)
+        return cls(meta["s"], [tuple(h) for h in meta["h"]], body, meta["q"], meta["r"], meta["l"], meta["p"])  # type: ignore[misc]
+
+    def age(self, now: float) -> float:
+        return current_age(dict(self.headers), self.request_time, self.response_time, now)
+
+    def header(self, name: str) -> str | None:
+        lower = name.lower()
+        return next((value for key, value in self.headers if key.lower() == lower), None)
+
+
+@dataclass
+class Lookup:
+    """What on_request found, for the upstream hooks."""
+
+    key: str  # the variant-independent key
+    variant: str | None  # the key of the entry found (None: not known yet)
+    entry: Entry | None = None  # a stale entry being revalidated or kept for stale_if_error
+    flight: asyncio.Future[None] | None = None  # set when this request leads the single flight
+    status: list[str] = field(default_factory=list)  # Cache-Status parameters
+
+
+class LocalLayer:
+    """An in-process LRU of encoded entries, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        raw = self.items.get(key)
+        if raw is not None:
+            self.items.move_to_end(key)
+        return raw
+
+    def put(self, key: str, raw: bytes) -> None:
+        self.drop(key)
+        if len(raw) > self.capacity:
+            return
+        self.items[key] = raw
+        self.used += len(raw)
+        while self.used > self.capacity:
+            _, old = self.items.popitem(last=False)
+            self.used -= len(old)
+
+    def drop(self, key: str) -> None:
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
+
+
+class CachePolicy(Policy):
+    name = "cache"
+    settings_type = CacheSettings
+    failure_mode = "open"  # handled inside: the cache is bypassed when the store fails
+
+    def __init__(self, settings: CacheSettings, context: PolicyContext) -> None:
+        super().__init__(settings, context)
+        self.store = context.store
+        self.route = context.route or UNMATCHED
+        self.local = LocalLayer(settings.local_size) if context.store.shared and settings.local_size else None
+        self.flights: dict[str, asyncio.Future[None]] = {}
+        self.refreshing: set[asyncio.Task[None]] = set()
+        self.key_headers = tuple(settings.key_headers)
+        self.key_query = frozenset(settings.key_query) if settings.key_query is not None else None
+        self.wall = time.time
+        self.metrics = context.metrics
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _key(self, exchange: Exchange) -> str:
+        request = exchange.request
+        query = ""
+        if not self.settings.ignore_query and exchange.query:
+            pairs = sorted(part for part in exchange.query.split("&") if part and (self.key_query is None or part.partition("=")[0] in self.key_query))
+            query = "&".join(pairs)
+        parts = [request.headers.get("Host", "").lower(), exchange.path, query]
+        parts += [request.headers.get(name, "") for name in self.key_headers]
+        if "user" in self.settings.key:
+            parts.append(exchange.subject or "")
+        digest = hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return f"c:{{{self.route}}}:{digest}"
+
+    @staticmethod
+    def _variant(key: str, vary: list[str], headers: Any) -> str:
+        if not vary:
+            return key
+        values = "\n".join(f"{name}:{' '.join(headers.get(name, '').split())}" for name in vary)
+        return f"{key}:v:{hashlib.sha256(values.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+
+    # -- storage -------------------------------------------------------------------------------
+
+    async def _get(self, key: str) -> bytes | None:
+        if self.local is not None:
+            raw = self.local.get(key)
+            if raw is not None:
+                return raw
+        try:
+            raw = await self.store.get(key)
+        except DependencyUnavailable:
+            return None
+        if raw is not None and self.local is not None:
+            self.local.put(key, raw)
+        return raw
+
+    async def _set(self, key: str, raw: bytes, ttl: float) -> None:
+        if self.local is not None:
+            self.local.put(key, raw)
+        try:
+            await self.store.set(key, raw, max(ttl, 1.0))
+        except DependencyUnavailable:
+            pass  # kept in the local layer only
+
+    async def _delete(self, *keys: str) -> None:
+        if self.local is not None:
+            for key in keys:
+                self.local.drop(key)
+        try:
+            await self.store.delete(*keys)
+        except DependencyUnavailable:
+            pass
+
+    async def _find(self, key: str, headers: Any) -> tuple[str | None, Entry | None]:
+        index = await self._get(key + ":vary")
+        vary = json.loads(index) if index else []
+        variant = self._variant(key, vary, headers)
+        raw = await self._get(variant)
+        if raw is None:
+            return variant if index else None, None
+        try:
+            return variant, Entry.decode(raw)
+        except (ValueError, KeyError, zlib.error):
+            return variant, None
+
+    # -- the request ---------------------------------------------------------------------------
+
+    async def on_request(self, exchange: Exchange) -> Reply | None:
+        method = exchange.method
+        if method in UNSAFE:
+            exchange.state["cache_invalidate"] = self._key(exchange)
+            return None
+        if method not in CACHEABLE:
+            return None
+        request_cc = directives(exchange.request.headers.get("Cache-Control"))
+        key = self._key(exchange)
+        lookup = Lookup(key, None)
+        exchange.state["cache"] = lookup
+        if "no-store" in request_cc:
+            lookup.status.append("fwd=bypass")
+            return None
+        authorized = "Authorization" in exchange.request.headers and "user" not in self.settings.key
+        for _ in range(2):  # a second look after waiting for another request's fetch
+            variant, entry = await self._find(key, exchange.request.headers)
+            lookup.variant = variant
+            if entry is not None and not (authorized and not entry.public):
+                now = self.wall()
+                age = entry.age(now)
+                if age < entry.lifetime and "no-cache" not in request_cc:
+                    return self._hit(exchange, lookup, entry, age, entry.lifetime - age)
+                stale_for = age - entry.lifetime
+                lookup.entry = entry
+                if stale_for < self.settings.stale_while_revalidate and "no-cache" not in request_cc:
+                    self._refresh_in_background(exchange, key)
+                    lookup.status.append("fwd=stale")
+                    return self._hit(exchange, lookup, entry, age, entry.lifetime - age)
+            flight = self.flights.get(key)
+            if flight is None:
+                lookup.flight = self.flights[key] = asyncio.get_running_loop().create_future()
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(flight), self.settings.lock_timeout)
+            except asyncio.TimeoutError:
+                break
+        lookup.status.append("fwd=stale" if lookup.entry is not None else "fwd=miss")
+        if lookup.entry is not None:  # revalidate what is stored
+            etag, modified = lookup.entry.header("ETag"), lookup.entry.header("Last-Modified")
+            if etag and "If-None-Match" not in exchange.upstream_headers:
+                exchange.upstream_headers["If-None-Match"] = etag
+            if modified and "If-Modified-Since" not in exchange.upstream_headers:
+                exchange.upstream_headers["If-Modified-Since"] = modified
+        return None
+
+    def _hit(self, exchange: Exchange, lookup: Lookup, entry: Entry, age: float, ttl: float) -> Reply:
+        self._count("hit" if "fwd=stale" not in lookup.status else "stale")
+        headers = CIMultiDict(entry.headers)
+        headers["Age"] = str(int(age))
+        lookup.status[:0] = ["hit"]
+        lookup.status.append(f"ttl={int(ttl)}")
+        request = exchange.request
+        if _not_modified(request.headers, entry):
+            kept = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in ("etag", "cache-control", "expires", "vary", "date", "last-modified", "age", "content-location"))
+            return Reply(304, kept)
+        return Reply(entry.status, headers, entry.body)  # for HEAD, aiohttp sends no body (and keeps its length)
+
+    def _refresh_in_background(self, exchange: Exchange, key: str) -> None:
+        """stale_while_revalidate: one background fetch per key refreshes the entry."""
+        if key in self.flights:
+            return
+        future = self.flights[key] = asyncio.get_running_loop().create_future()
+        route = exchange.route
+        if route is None:
+            return
+        upstream, headers = route.upstream, exchange.upstream_headers.copy()
+        path, query = exchange.path, exchange.query
+        request_headers = CIMultiDict(exchange.request.headers)
+
+        async def refresh() -> None:
+            try:
+                assert upstream.session is not None
+                target = upstream.pick([])
+                url = upstream.url(target, exchange)
+                headers["Host"] = upstream.host_header(target, exchange)
+                started = self.wall()
+                async with upstream.session.get(url, headers=headers, allow_redirects=False) as response:
+                    body = await response.read() if (response.content_length or 0) <= self.settings.max_entry_size else None
+                    if body is not None:
+                        reply = Reply(response.status, CIMultiDict(response.headers), body)
+                        await self._store(key, request_headers, reply, started, "GET")
+            except Exception as exc:  # a failed refresh leaves the stale entry; the next request retries
+                log.info("cache refresh failed", extra={"route": self.route, "path": path, "query": query, "error": type(exc).__name__})
+            finally:
+                self.flights.pop(key, None)
+                if not future.done():
+                    future.set_result(None)
+
+        task = asyncio.create_task(refresh())
+        self.refreshing.add(task)
+        task.add_done_callback(self.refreshing.discard)
+
+    # -- the upstream's answer -----------------------------------------------------------------
+
+    async def on_upstream(self, exchange: Exchange, reply: Reply) -> None:
+        invalidate = exchange.state.get("cache_invalidate")
+        if invalidate is not None:
+            if 200 <= reply.status < 400:
+                await self._invalidate(invalidate)
+            return
+        lookup: Lookup | None = exchange.state.get("cache")
+        if lookup is None:
+            return
+        try:
+            if exchange.method == "HEAD":
+                return  # a HEAD's answer has no body to store
+            if reply.status == 304 and lookup.entry is not None:
+                await self._revalidated(exchange, lookup, reply)
+                return
+            content_length = reply.upstream.content_length if reply.upstream is not None else None
+            if content_length is None or content_length > self.settings.max_entry_size:
+                lookup.status.append("detail=not-stored")
+                return
+            response_cc = directives(reply.headers.get("Cache-Control"))
+            has_authorization = "Authorization" in exchange.request.headers and "user" not in self.settings.key
+            if not storable(reply.status, "GET", {}, response_cc, has_authorization, "Set-Cookie" in reply.headers, self.settings.allow_set_cookie, self.settings.override) or reply.headers.get("Vary", "").strip() == "*":
+                return
+            assert reply.upstream is not None
+            reply.body = await reply.upstream.read()
+            reply.upstream = None
+            if await self._store(lookup.key, exchange.request.headers, reply, self.wall(), exchange.method):
+                lookup.status.append("stored")
+        finally:
+            self._land(lookup)
+
+    async def on_upstream_error(self, exchange: Exchange, error: Exception) -> Reply | None:
+        lookup: Lookup | None = exchange.state.get("cache")
+        if lookup is None:
+            return None
+        self._land(lookup)
+        entry = lookup.entry
+        if entry is None:
+            return None
+        age = entry.age(self.wall())
+        if age - entry.lifetime < self.settings.stale_if_error:
+            lookup.status = ["hit", "fwd=stale", f"fwd-status={getattr(error, 'status', 502)}", f"ttl={int(entry.lifetime - age)}"]
+            self._count("stale")
+            headers = CIMultiDict(entry.headers)
+            headers["Age"] = str(int(age))
+            return Reply(entry.status, headers, entry.body)
+        return None
+
+    async def _store(self, key: str, request_headers: Any, reply: Reply, request_time: float, method: str) -> bool:
+        if method == "HEAD":
+            return False  # a HEAD's answer has no body to store
+        response_cc = directives(reply.headers.get("Cache-Control"))
+        now = self.wall()
+        fresh = freshness(reply.headers, response_cc, reply.status, now, self.settings.ttl, self.settings.override)
+        keep_for = fresh.lifetime + max(self.settings.stale_while_revalidate, self.settings.stale_if_error)
+        if keep_for <= 0 and not (reply.headers.get("ETag") or reply.headers.get("Last-Modified")):
+            return False
+        vary = [name.strip() for name in reply.headers.get("Vary", "").split(",") if name.strip()]
+        headers = [(k, v) for k, v in reply.headers.items() if k.lower() not in NOT_STORED_HEADERS]
+        entry = Entry(reply.status, headers, reply.body, request_time, now, fresh.lifetime, fresh.public)
+        ttl = keep_for + 60.0  # kept a little past usefulness, for revalidation
+        if vary:
+            await self._set(key + ":vary", json.dumps(vary).encode(), ttl)
+        else:
+            await self._delete(key + ":vary")
+        await self._set(self._variant(key, vary, request_headers), entry.encode(), ttl)
+        return True
+
+    async def _revalidated(self, exchange: Exchange, lookup: Lookup, reply: Reply) -> None:
+        """A 304 from the upstream: the stored entry is fresh again and answers the client."""
+        entry = lookup.entry
+        assert entry is not None
+        updated = CIMultiDict(entry.headers)
+        for name, value in reply.headers.items():  # §4.3.4: the 304's headers update the stored ones
+            if name.lower() not in NOT_STORED_HEADERS and name.lower() != "content-length":
+                updated[name] = value
+        reply.status = entry.status
+        reply.headers = CIMultiDict(updated)
+        reply.body = entry.body
+        if reply.upstream is not None:
+            reply.upstream.release()
+        reply.upstream = None
+        await self._store(lookup.key, exchange.request.headers, Reply(entry.status, reply.headers, entry.body), self.wall(), "GET")
+        lookup.status = ["hit", "fwd=stale", "fwd-status=304", "stored"]
+        if _not_modified(exchange.request.headers, Entry(entry.status, list(reply.headers.items()), b"", 0, 0, 0, False)):
+            reply.status, reply.body = 304, b""
+
+    async def _invalidate(self, key: str) -> None:
+        # Variants are found through the Vary index only: without it, none is ever found again.
+        await self._delete(key, key + ":vary")
+
+    def _land(self, lookup: Lookup) -> None:
+        flight = lookup.flight
+        if flight is not None:
+            self.flights.pop(lookup.key, None)
+            if not flight.done():
+                flight.set_result(None)
+            lookup.flight = None
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_requests.labels(route=self.route, result=result).inc()
+
+    def on_response(self, exchange: Exchange, reply: Reply) -> None:
+        lookup: Lookup | None = exchange.state.get("cache")
+        if lookup is None:
+            return
+        if "hit" not in lookup.status and self.metrics is not None:
+            self._count("bypass" if "fwd=bypass" in lookup.status else "miss")
+        reply.headers["Cache-Status"] = "; ".join([CACHE_NAME, *lookup.status])
+
+    async def close(self) -> None:
+        for task in list(self.refreshing):
+            task.cancel()
+
+
+def _not_modified(request_headers: Any, entry: Entry) -> bool:
+    """RFC 9110 §13.1.1/§13.1.3: whether a conditional GET is answered 304 by this entry."""
+    etag = entry.header("ETag")
+    if_none_match = request_headers.get("If-None-Match")
+    if if_none_match is not None:
+        if not etag:
+            return False
+        wanted = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        return "*" in wanted or etag.removeprefix("W/") in wanted
+    since = request_headers.get("If-Modified-Since")
+    modified = entry.header("Last-Modified")
+    if since and modified:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return parsedate_to_datetime(modified) <= parsedate_to_datetime(since)
+        except (TypeError, ValueError):
+            return False
+    return False
