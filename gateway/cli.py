@@ -1,4 +1,4 @@
-"""The command line: gateway run | check | schema (CONFIG.md, "Command line")."""
+"""The command line: gateway run | check | warm | schema (CONFIG.md, "Command line")."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, help_text in (
         ("run", "serve (reload with SIGHUP, drain and stop with SIGTERM)"),
         ("check", "validate the config and print every route with its effective policies"),
+        ("warm", "fetch every route's warm list into the cache, with progress"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("-c", "--config", default=None, help=f"config file (default: $GATEWAY_CONFIG or ./{DEFAULT_PATH})")
@@ -48,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # `gateway check | head`: the reader has seen enough
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    if args.command == "warm":
+        import asyncio
+
+        from gateway.server import warm_command
+
+        return asyncio.run(warm_command(path, config, sys.stdout))
     from gateway.server import run  # imports uvloop and the server only when serving
 
     return run(path, config)

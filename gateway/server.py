@@ -34,6 +34,7 @@ from gateway.app import Gateway, new_request_id
 from gateway.config import GatewayConfig, ListenLimits, load_config
 from gateway.errors import ConfigError, problem_body
 from gateway.metrics import MULTIPROC_ENV
+from gateway.policies.warm import warm_forever
 
 log = logging.getLogger("gateway")
 
@@ -225,7 +226,11 @@ async def serve(path: str, config: GatewayConfig, reuse_port: bool = False) -> N
             "gateway listening",
             extra={name: f"{host}:{port}" for name, (host, port) in listeners.addresses.items()} | {"pid": os.getpid()},
         )
+        host, port = listeners.addresses["public"]
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        warming = loop.create_task(warm_forever(f"http://{local}:{port}", lambda: gateway.config))
         await stop.wait()
+        warming.cancel()
         log.info("draining", extra={"drain_timeout_s": config.listen.limits.drain_timeout, "pid": os.getpid()})
         gateway.draining = True
         await listeners.close()
@@ -353,3 +358,32 @@ class Supervisor:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 self.children.pop(pid, None)
+
+
+async def warm_command(path: str, config: GatewayConfig, out: Any) -> int:
+    """`gateway warm`: one round over every route's warm list, through an in-process gateway on
+    a free loopback port, into the configured store."""
+    from gateway.access_log import AccessLog
+    from gateway.policies.warm import warm_list, warm_once
+
+    targets = warm_list(config)
+    if not targets:
+        out.write("no route has a warm list: nothing to do\n")
+        return 0
+    local = config.model_copy(update={"listen": config.listen.model_copy(update={"host": "127.0.0.1", "port": 0}), "admin": None})
+    async with Gateway(local, path, access_log=AccessLog(False)) as gateway:
+        listeners = await open_listeners(gateway)
+        host, port = listeners.addresses["public"]
+
+        def progress(done: int, total: int, route: str, target: str, outcome: str) -> None:
+            out.write(f"[{done}/{total}] {route} GET {target} -> {outcome}\n")
+            out.flush()
+
+        try:
+            ok, failed = await warm_once(f"http://{host}:{port}", targets, config.warm, progress)
+        finally:
+            await listeners.close()
+    out.write(f"warmed {ok} of {len(targets)}" + (f", {failed} failed" if failed else "") + "\n")
+    if config.redis is None:
+        out.write("note: with the embedded memory store this warmth dies with this command; configure redis: to keep it for the gateway\n")
+    return 0 if not failed else 1

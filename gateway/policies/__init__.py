@@ -17,6 +17,7 @@ from gateway.policies.headers import SecurityHeadersPolicy
 from gateway.policies.ratelimit import RateLimitPolicy
 from gateway.policies.sanitize import SanitizePolicy
 from gateway.policies.validate import ValidatePolicy
+from gateway.policies.warm import WarmPolicy
 
 # Response hooks run bottom-up: the cache stores what the upstream said, cdn sets caching
 # headers, security_headers may keep those (keep_upstream), and CORS answers last.
@@ -28,5 +29,6 @@ POLICIES: tuple[type[Policy], ...] = (
     AuthPolicy,
     SanitizePolicy,  # rewrites bodies first, so validate checks what the upstream will get
     ValidatePolicy,
-    CachePolicy,  # last: a hit answers after every check; its response hook runs first (stores what the upstream said)
+    CachePolicy,  # a hit answers after every check; its response hook runs first (stores what the upstream said)
+    WarmPolicy,  # no hooks: a route's warm list, fetched through the gateway at start and every warm.every
 )

@@ -2,8 +2,8 @@
 
 ``cache: {ttl: 5m, stale_while_revalidate: 30s, stale_if_error: 10m}``. What it does:
 
-- GET and HEAD only (HEAD is answered from a stored GET). The key is built from the host, the
-  normalised path, the query (sorted; ``ignore_query`` or ``key_query`` narrow it), configured
+- GET and HEAD only (HEAD is answered from a stored GET). The key is built from the host (when
+  the route matches on it or forwards it: preserve_host), the normalised path, the query (sorted; ``ignore_query`` or ``key_query`` narrow it), configured
   request headers and, with ``key: [user]``, the authenticated user.
 - Storable responses (gateway.freshness.storable): heuristically cacheable statuses or explicit
   freshness; never ``no-store``/``private`` (unless ``override``), never Set-Cookie (unless
@@ -45,6 +45,7 @@ from gateway.errors import DependencyUnavailable
 from gateway.freshness import current_age, directives, freshness, storable
 from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply
+from gateway.routing import request_host
 from gateway.settings import Duration, Settings, Size
 
 log = logging.getLogger("gateway")
@@ -166,6 +167,10 @@ class CachePolicy(Policy):
         self.key_query = frozenset(settings.key_query) if settings.key_query is not None else None
         self.wall = time.time
         self.metrics = context.metrics
+        # The Host is part of the key only where the answer can depend on it: routes that match
+        # on the host, or whose upstream receives the client's Host (preserve_host).
+        route = next((r for r in context.config.routes if r.name == context.route), None)
+        self.key_host = route is None or route.match.host is not None or context.config.upstreams[route.upstream].preserve_host
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -175,7 +180,7 @@ class CachePolicy(Policy):
         if not self.settings.ignore_query and exchange.query:
             pairs = sorted(part for part in exchange.query.split("&") if part and (self.key_query is None or part.partition("=")[0] in self.key_query))
             query = "&".join(pairs)
-        parts = [request.headers.get("Host", "").lower(), exchange.path, query]
+        parts = [request_host(request.headers.get("Host", "")) if self.key_host else "", exchange.path, query]
         parts += [request.headers.get(name, "") for name in self.key_headers]
         if "user" in self.settings.key:
             parts.append(exchange.subject or "")
