@@ -442,6 +442,128 @@ def git_state() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "changed": [line[3:] for line in git("status", "--porcelain").splitlines()]}
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Process trees, memory, pinning, request rotations, Redis counters (used by ``python -m benchmarks``)
+# ---------------------------------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants still running (nginx's worker, a supervisor's workers), from /proc."""
+    found, queue = [], [pid]
+    while queue:
+        each = queue.pop()
+        if each in found or not os.path.exists(f"/proc/{each}"):
+            continue
+        found.append(each)
+        try:
+            for task in os.listdir(f"/proc/{each}/task"):
+                queue += [int(child) for child in Path(f"/proc/{each}/task/{task}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and all its running descendants (see :func:`cpu_seconds` for one level)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for each in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def memory(pid: int) -> dict[str, int]:
+    """Resident memory of ``pid`` and its descendants, in bytes: now (VmRSS) and the peak (VmHWM), summed."""
+    out = {"rss_bytes": 0, "peak_rss_bytes": 0, "processes": 0}
+    for each in process_tree(pid):
+        try:
+            status = Path(f"/proc/{each}/status").read_text()
+        except OSError:
+            continue
+        out["processes"] += 1
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_bytes"] += int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                out["peak_rss_bytes"] += int(line.split()[1]) * 1024
+    return out
+
+
+def core_times(cores: Sequence[int] | None) -> dict[str, float]:
+    """CPU seconds the given cores (all when None) have spent per kind, from /proc/stat: ``busy``
+    (everything but idle and iowait, as :func:`cores_busy`), and the ``softirq`` part of it (on
+    loopback, most of the kernel's network work, which /proc/PID/stat charges to no process)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    wanted = {f"cpu{core}" for core in cores} if cores else None
+    busy = softirq = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if not re.fullmatch(r"cpu\d+", name) or (wanted is not None and name not in wanted):
+            continue
+        numbers = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+        busy += sum(numbers) - numbers[3] - numbers[4]
+        softirq += numbers[6]
+    return {"busy": busy / ticks, "softirq": softirq / ticks}
+
+
+def move_to_cores(pid: int, cores: Sequence[int] | None) -> None:
+    """Moves a process, its threads and its descendants to ``cores`` (no-op when None)."""
+    if not cores:
+        return
+    for each in process_tree(pid):
+        subprocess.run(["taskset", "-a", "-p", "-c", ",".join(map(str, cores)), str(each)], capture_output=True, check=False)
+
+
+def _lua_string(value: str) -> str:
+    return '"' + "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\' else f"\\{ord(ch):03d}" for ch in value) + '"'
+
+
+def rotation_files(scratch: Path, name: str, path: str, requests: Sequence[dict[str, Any]]) -> tuple[Path, Path]:
+    """A wrk Lua script and an aiohttp-fallback spec that send ``requests`` in rotation to ``path``.
+
+    Each request is ``{"method", "headers", "body_file"}`` (headers and body optional). The script
+    counts statuses and prints the WRKJSON line as :data:`WRK_SCRIPT` does; pass both to
+    :func:`run_load` (``script=``, ``spec=``).
+    """
+    lines = ["local rotation = {}", "local turn = 0", "function init(args)"]
+    for request in requests:
+        headers = ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in request.get("headers", {}).items())
+        body = "nil"
+        if request.get("body_file"):
+            lines.append(f"  local f = assert(io.open({_lua_string(str(request['body_file']))}, 'rb')); local body = f:read('*a'); f:close()")
+            body = "body"
+        lines.append(f"  table.insert(rotation, wrk.format({_lua_string(request.get('method', 'GET'))}, {_lua_string(path)}, {{{headers}}}, {body}))")
+    lines += ["end", "function request()", "  turn = turn % #rotation + 1", "  return rotation[turn]", "end"]
+    script = scratch / f"{name}.lua"
+    script.write_text(WRK_SCRIPT + "\n" + "\n".join(lines) + "\n")
+    spec = scratch / f"{name}.json"
+    spec.write_text(json.dumps({"requests": [
+        {"method": r.get("method", "GET"), "headers": r.get("headers", {}), **({"body_file": str(r["body_file"])} if r.get("body_file") else {})}
+        for r in requests
+    ]}))
+    return script, spec
+
+
+def redis_snapshot(client: Any) -> dict[str, Any]:
+    """One INFO call (a redis-py client): calls per command, those run inside scripts included, and
+    Redis's socket reads (round trips) and writes."""
+    info = client.execute_command("INFO", "stats", "commandstats")
+    calls = {name[len("cmdstat_"):]: int(value["calls"]) for name, value in info.items() if name.startswith("cmdstat_") and name != "cmdstat_info"}
+    return {"calls": calls, "reads": int(info["total_reads_processed"]), "writes": int(info["total_writes_processed"])}
+
+
+def redis_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What happened between two snapshots, the later snapshot's own INFO call (1 read) taken out."""
+    calls = {name: after["calls"].get(name, 0) - before["calls"].get(name, 0) for name in after["calls"]}
+    calls = {name: n for name, n in sorted(calls.items()) if n}
+    return {"commands": calls, "total": sum(calls.values()), "reads": max(after["reads"] - before["reads"] - 1, 0), "writes": max(after["writes"] - before["writes"] - 1, 0)}
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "static":
         serve_static(int(sys.argv[2]), sys.argv[3])
