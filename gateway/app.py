@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from gateway import __version__, error_tracking
 from gateway.access_log import AccessLog, setup_logging
 from gateway.body import forwarded_body
-from gateway.config import GatewayConfig, effective_blocks, load_config
+from gateway.config import METHODS, GatewayConfig, effective_blocks, load_config
 from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError
 from gateway.forwarded import Forwarding, traceparent
 from gateway.metrics import UNMATCHED, Metrics, method_label
@@ -45,13 +45,32 @@ from gateway.proxy import (
     send,
     tunnel_websocket,
 )
-from gateway.routing import BadPath, Route, Router, decoded_path, host_pattern, is_preflight, normalise_path, request_host, route_methods
+from gateway.routing import (
+    BadPath,
+    Route,
+    Router,
+    decoded_path,
+    host_pattern,
+    is_preflight,
+    normalise_path,
+    request_host,
+    route_methods,
+    valid_host,
+)
 from gateway.stores import MemoryStore, Store, make_store
 
 log = logging.getLogger("gateway")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # CONFIG.md, "Request id"
 GATEWAY_KEY = web.AppKey("gateway", "Gateway")
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def new_request_id() -> str:
@@ -93,7 +112,7 @@ class Runtime:
                     settings=settings,
                 )
             )
-        self.router = Router(routes)
+        self.router = Router(routes, METHODS)
         # Requests no route takes still get the defaults' response policies (headers on a 404).
         self.unrouted = pipeline(effective_blocks(config, config.defaults), None)
         global_headers = getattr(config, "security_headers", None)
@@ -328,8 +347,9 @@ class Gateway:
         pipeline.on_response(exchange, reply)
         reply.headers["X-Request-ID"] = exchange.request_id
         response = await send(request, reply, exchange)
-        if request.body_exists and not request.content.at_eof():
-            # The body was not read: closing is cheaper and safer than draining it.
+        if request.body_exists and not request.content.at_eof() or request.method == "CONNECT":
+            # The body was not read: closing is cheaper and safer than draining it. (After a
+            # CONNECT head, aiohttp reads whatever follows as tunnel bytes: close too.)
             response.force_close()
         return response
 
@@ -343,10 +363,29 @@ class Gateway:
         """Check the head, normalise the path, find the route; a Reply when there is none."""
         request = exchange.request
         head_size = len(request.method) + len(request.raw_path) + 12
+        undecodable = False
         for name, value in request.raw_headers:
             head_size += len(name) + len(value) + 4
+            if not value.isascii():
+                undecodable = undecodable or not _is_utf8(value)
         if head_size > runtime.max_header_size:
             return problem(exchange, 431, "the request headers are too large"), runtime.unrouted
+        if undecodable:
+            # obs-text that is not UTF-8 (``X-A: caf\xe9``): aiohttp's client silently dropped
+            # such bytes, so the upstream saw another value than the policies did (``caf``).
+            exchange.path = ""
+            return problem(exchange, 400, "a header value is not valid UTF-8"), runtime.unrouted
+        if request.method == "CONNECT":
+            # A reverse proxy is no tunnel. Left to the route table, `CONNECT /x` was forwarded,
+            # and since aiohttp treats what follows a CONNECT head as tunnel bytes its client
+            # sent them on as a chunked body the upstream then read as a second request.
+            # (_serve closes the connection after this answer.)
+            exchange.path = ""
+            return problem(exchange, 405, "CONNECT is not supported", {"Allow": ", ".join(runtime.router.methods)}), runtime.unrouted
+        if not valid_host(request.headers.get("Host", "")):
+            # RFC 9112 §3.2: a Host that is not uri-host[:port] is a 400 (it was forwarded as is).
+            exchange.path = ""
+            return problem(exchange, 400, "invalid Host header"), runtime.unrouted
         raw_path, _, exchange.query = request.raw_path.partition("?")
         try:
             exchange.path = normalise_path(raw_path, runtime.keep_escaped_slashes)

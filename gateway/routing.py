@@ -148,6 +148,18 @@ def host_pattern(host: str | None) -> str | None:
     return host[1:] if host.startswith("*.") else host
 
 
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: uri-host [":" port], where uri-host is an IP-literal or a
+# reg-name (unreserved, pct-encoded, sub-delims; may be empty). No userinfo, no spaces, no '/'.
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+
+
+def valid_host(header: str) -> bool:
+    """Whether a Host field value is well formed: RFC 9112 §3.2 says a server MUST answer 400 to
+    one that is not (``Host: a b`` would otherwise reach host matching, X-Forwarded-Host and,
+    with preserve_host, the upstream's Host)."""
+    return _HOST.fullmatch(header) is not None
+
+
 def request_host(header: str) -> str:
     """The host of a Host header, lower-cased and without its port."""
     host = header.lower()
@@ -160,8 +172,14 @@ def request_host(header: str) -> str:
 class Router:
     """First match wins; a path some route matches with a method none allows is a 405."""
 
-    def __init__(self, routes: list[Route]) -> None:
+    def __init__(self, routes: list[Route], any_method: tuple[str, ...] = ()) -> None:
         self.routes = tuple(routes)
+        # Every method some route serves (a route without `methods` serves `any_method`): the
+        # Allow header of a refused CONNECT, worked out once here rather than per request.
+        served: set[str] = set()
+        for route in self.routes:
+            served |= route.methods if route.methods is not None else set(any_method)
+        self.methods = tuple(sorted(served - {"CONNECT"}))
 
     def match(self, method: str, host: str, path: str) -> tuple[Route | None, tuple[str, ...]]:
         """(route, ()) on a match; (None, allowed methods) for a 405; (None, ()) for a 404."""

@@ -163,6 +163,10 @@ def server_options(limits: ListenLimits) -> dict[str, Any]:
         "max_headers": limits.max_headers,
         "keepalive_timeout": limits.keepalive_timeout,
         "handler_cancellation": True,  # a client that leaves cancels its upstream request
+        # After answering without reading a body, aiohttp reads on for a while before closing
+        # (so the client sees the answer, not a reset); 10 s by default, nginx's lingering_timeout
+        # is 5 s. A slow client holds its socket no longer than that.
+        "lingering_time": min(5.0, limits.body_timeout),
         "access_log": None,  # the gateway writes its own (gateway.access_log)
     }
 
