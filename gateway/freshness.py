@@ -53,7 +53,7 @@ def _date(value: str | None) -> float | None:
 class Freshness:
     lifetime: float  # seconds the response is fresh for, from its generation
     explicit: bool  # from the upstream's headers (not the route's ttl or a heuristic)
-    public: bool  # explicitly public or s-maxage: may answer requests with Authorization
+    public: bool  # public, s-maxage or must-revalidate: may answer requests with Authorization
 
 
 def storable(status: int, method: str, request_cc: Mapping[str, str | None], response_cc: Mapping[str, str | None], has_authorization: bool, has_set_cookie: bool, allow_set_cookie: bool, override: bool) -> bool:
@@ -75,7 +75,8 @@ def storable(status: int, method: str, request_cc: Mapping[str, str | None], res
 
 def freshness(headers: Mapping[str, str], response_cc: Mapping[str, str | None], status: int, now: float, ttl: float | None, override: bool) -> Freshness:
     """How long the response is fresh (RFC 9111 §4.2.1), with the route's ttl when none is given."""
-    public = "public" in response_cc or "s-maxage" in response_cc
+    # §3.5: these let a shared cache answer requests that carry Authorization.
+    public = "public" in response_cc or "s-maxage" in response_cc or "must-revalidate" in response_cc
     if override and ttl is not None:
         return Freshness(ttl, False, public)
     for name in ("s-maxage", "max-age"):

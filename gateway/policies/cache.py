@@ -32,6 +32,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 import zlib
 from collections import OrderedDict
@@ -55,6 +56,13 @@ UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 COMPRESS_OVER = 1024
 NOT_STORED_HEADERS = frozenset({"set-cookie", "age", "cache-status", "x-request-id", "connection", "keep-alive", "transfer-encoding"})
 CACHE_NAME = "gateway"  # the cache's name in Cache-Status (RFC 9211 §2)
+CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
+ERROR_STATUSES = frozenset({500, 502, 503, 504})  # RFC 5861 §4: errors stale-if-error covers
+
+
+def _vary(headers: Any) -> list[str]:
+    """The Vary field's names, over every Vary line."""
+    return [name.strip() for line in headers.getall("Vary", []) for name in line.split(",") if name.strip()]
 
 
 class CacheSettings(Settings):
@@ -118,6 +126,7 @@ class Lookup:
     variant: str | None  # the key of the entry found (None: not known yet)
     entry: Entry | None = None  # a stale entry being revalidated or kept for stale_if_error
     flight: asyncio.Future[None] | None = None  # set when this request leads the single flight
+    revalidating: bool = False  # the entry's own validators were sent upstream
     status: list[str] = field(default_factory=list)  # Cache-Status parameters
 
 
@@ -188,25 +197,41 @@ class CachePolicy(Policy):
         return f"c:{{{self.route}}}:{digest}"
 
     @staticmethod
-    def _variant(key: str, vary: list[str], headers: Any) -> str:
+    def _variant(key: str, vary: list[str], headers: Any, generation: str = "") -> str:
         if not vary:
             return key
-        values = "\n".join(f"{name}:{' '.join(headers.get(name, '').split())}" for name in vary)
+        # The index's generation is part of the variant's key: once an invalidation deleted the
+        # index, the variants stored before it are never found again (a new index, a new one).
+        values = "\n".join([generation] + [f"{name}:{' '.join(headers.get(name, '').split())}" for name in vary])
         return f"{key}:v:{hashlib.sha256(values.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+
+    @staticmethod
+    def _index(raw: bytes | None) -> tuple[list[str], str]:
+        """The Vary index: (names, generation)."""
+        if not raw:
+            return [], ""
+        try:
+            index = json.loads(raw)
+        except ValueError:
+            return [], ""
+        if isinstance(index, list):
+            return index, ""
+        return list(index.get("vary", [])), str(index.get("gen", ""))
 
     # -- storage -------------------------------------------------------------------------------
 
     async def _get(self, key: str) -> bytes | None:
-        if self.local is not None:
-            raw = self.local.get(key)
-            if raw is not None:
-                return raw
+        # The shared store first: an entry another process invalidated (or replaced) must not be
+        # answered from this process's copy. The local layer answers when the store fails.
         try:
             raw = await self.store.get(key)
         except DependencyUnavailable:
-            return None
-        if raw is not None and self.local is not None:
-            self.local.put(key, raw)
+            return self.local.get(key) if self.local is not None else None
+        if self.local is not None:
+            if raw is not None:
+                self.local.put(key, raw)
+            else:
+                self.local.drop(key)
         return raw
 
     async def _set(self, key: str, raw: bytes, ttl: float) -> None:
@@ -228,8 +253,8 @@ class CachePolicy(Policy):
 
     async def _find(self, key: str, headers: Any) -> tuple[str | None, Entry | None]:
         index = await self._get(key + ":vary")
-        vary = json.loads(index) if index else []
-        variant = self._variant(key, vary, headers)
+        vary, generation = self._index(index)
+        variant = self._variant(key, vary, headers, generation)
         raw = await self._get(variant)
         if raw is None:
             return variant if index else None, None
@@ -266,12 +291,15 @@ class CachePolicy(Policy):
                 stale_for = age - entry.lifetime
                 lookup.entry = entry
                 if stale_for < self.settings.stale_while_revalidate and "no-cache" not in request_cc:
-                    self._refresh_in_background(exchange, key)
+                    self._refresh_in_background(exchange, key, entry)
                     lookup.status.append("fwd=stale")
                     return self._hit(exchange, lookup, entry, age, entry.lifetime - age)
             flight = self.flights.get(key)
             if flight is None:
                 lookup.flight = self.flights[key] = asyncio.get_running_loop().create_future()
+                task = asyncio.current_task()
+                if task is not None:  # a request cancelled (its client left) lands its flight too
+                    task.add_done_callback(lambda _: self._land(lookup))
                 break
             try:
                 await asyncio.wait_for(asyncio.shield(flight), self.settings.lock_timeout)
@@ -280,10 +308,16 @@ class CachePolicy(Policy):
         lookup.status.append("fwd=stale" if lookup.entry is not None else "fwd=miss")
         if lookup.entry is not None:  # revalidate what is stored
             etag, modified = lookup.entry.header("ETag"), lookup.entry.header("Last-Modified")
-            if etag and "If-None-Match" not in exchange.upstream_headers:
-                exchange.upstream_headers["If-None-Match"] = etag
-            if modified and "If-Modified-Since" not in exchange.upstream_headers:
-                exchange.upstream_headers["If-Modified-Since"] = modified
+            if etag or modified:
+                # The entry's validators replace the client's: a 304 must be about the stored
+                # response (RFC 9111 §4.3.2); the client's own conditional is answered from it.
+                for name in ("If-None-Match", "If-Modified-Since"):
+                    exchange.upstream_headers.popall(name, None)
+                if etag:
+                    exchange.upstream_headers["If-None-Match"] = etag
+                if modified:
+                    exchange.upstream_headers["If-Modified-Since"] = modified
+                lookup.revalidating = True
         return None
 
     def _hit(self, exchange: Exchange, lookup: Lookup, entry: Entry, age: float, ttl: float) -> Reply:
@@ -298,7 +332,7 @@ class CachePolicy(Policy):
             return Reply(304, kept)
         return Reply(entry.status, headers, entry.body)  # for HEAD, aiohttp sends no body (and keeps its length)
 
-    def _refresh_in_background(self, exchange: Exchange, key: str) -> None:
+    def _refresh_in_background(self, exchange: Exchange, key: str, entry: Entry) -> None:
         """stale_while_revalidate: one background fetch per key refreshes the entry."""
         if key in self.flights:
             return
@@ -309,6 +343,15 @@ class CachePolicy(Policy):
         upstream, headers = route.upstream, exchange.upstream_headers.copy()
         path, query = exchange.path, exchange.query
         request_headers = CIMultiDict(exchange.request.headers)
+        # The refresh asks about the stored response, never with the client's own conditionals
+        # (whose 304 has no body to store).
+        for name in CONDITIONALS:
+            headers.popall(name, None)
+        etag, modified = entry.header("ETag"), entry.header("Last-Modified")
+        if etag:
+            headers["If-None-Match"] = etag
+        if modified:
+            headers["If-Modified-Since"] = modified
 
         async def refresh() -> None:
             try:
@@ -318,9 +361,10 @@ class CachePolicy(Policy):
                 headers["Host"] = upstream.host_header(target, exchange)
                 started = self.wall()
                 async with upstream.session.get(url, headers=headers, allow_redirects=False) as response:
-                    body = await response.read() if (response.content_length or 0) <= self.settings.max_entry_size else None
-                    if body is not None:
-                        reply = Reply(response.status, CIMultiDict(response.headers), body)
+                    if response.status == 304 and (etag or modified):
+                        await self._store(key, request_headers, Reply(entry.status, self._updated(entry, response.headers), entry.body), started, "GET")
+                    elif self._storable(request_headers, response.status, response.headers, response.content_length):
+                        reply = Reply(response.status, CIMultiDict(response.headers), await response.read())
                         await self._store(key, request_headers, reply, started, "GET")
             except Exception as exc:  # a failed refresh leaves the stale entry; the next request retries
                 log.info("cache refresh failed", extra={"route": self.route, "path": path, "query": query, "error": type(exc).__name__})
@@ -347,16 +391,16 @@ class CachePolicy(Policy):
         try:
             if exchange.method == "HEAD":
                 return  # a HEAD's answer has no body to store
-            if reply.status == 304 and lookup.entry is not None:
+            if reply.status == 304 and lookup.entry is not None and lookup.revalidating:
                 await self._revalidated(exchange, lookup, reply)
+                return
+            if reply.status in ERROR_STATUSES and lookup.entry is not None and self._stale_on_error(lookup, reply.status, reply):
                 return
             content_length = reply.upstream.content_length if reply.upstream is not None else None
             if content_length is None or content_length > self.settings.max_entry_size:
                 lookup.status.append("detail=not-stored")
                 return
-            response_cc = directives(reply.headers.get("Cache-Control"))
-            has_authorization = "Authorization" in exchange.request.headers and "user" not in self.settings.key
-            if not storable(reply.status, "GET", {}, response_cc, has_authorization, "Set-Cookie" in reply.headers, self.settings.allow_set_cookie, self.settings.override) or reply.headers.get("Vary", "").strip() == "*":
+            if not self._storable(exchange.request.headers, reply.status, reply.headers, content_length):
                 return
             assert reply.upstream is not None
             reply.body = await reply.upstream.read()
@@ -365,6 +409,34 @@ class CachePolicy(Policy):
                 lookup.status.append("stored")
         finally:
             self._land(lookup)
+
+    def _storable(self, request_headers: Any, status: int, headers: Any, content_length: int | None) -> bool:
+        """Whether a GET's response may be stored (RFC 9111 §3), with the route's settings."""
+        if content_length is None or content_length > self.settings.max_entry_size:
+            return False
+        request_cc = directives(request_headers.get("Cache-Control"))
+        response_cc = directives(headers.get("Cache-Control"))
+        has_authorization = "Authorization" in request_headers and "user" not in self.settings.key
+        if "*" in _vary(headers):
+            return False
+        return storable(status, "GET", request_cc, response_cc, has_authorization, "Set-Cookie" in headers, self.settings.allow_set_cookie, self.settings.override)
+
+    def _stale_on_error(self, lookup: Lookup, status: int, reply: Reply) -> bool:
+        """stale_if_error for an upstream that answered 500/502/503/504: the stale entry instead."""
+        entry = lookup.entry
+        assert entry is not None
+        age = entry.age(self.wall())
+        if age - entry.lifetime >= self.settings.stale_if_error:
+            return False
+        if reply.upstream is not None:
+            reply.upstream.release()
+        reply.upstream = None
+        headers = CIMultiDict(entry.headers)
+        headers["Age"] = str(int(age))
+        reply.status, reply.headers, reply.body = entry.status, headers, entry.body
+        lookup.status = ["hit", "fwd=stale", f"fwd-status={status}", f"ttl={int(entry.lifetime - age)}"]
+        self._count("stale")
+        return True
 
     async def on_upstream_error(self, exchange: Exchange, error: Exception) -> Reply | None:
         lookup: Lookup | None = exchange.state.get("cache")
@@ -392,25 +464,41 @@ class CachePolicy(Policy):
         keep_for = fresh.lifetime + max(self.settings.stale_while_revalidate, self.settings.stale_if_error)
         if keep_for <= 0 and not (reply.headers.get("ETag") or reply.headers.get("Last-Modified")):
             return False
-        vary = [name.strip() for name in reply.headers.get("Vary", "").split(",") if name.strip()]
+        vary = _vary(reply.headers)
         headers = [(k, v) for k, v in reply.headers.items() if k.lower() not in NOT_STORED_HEADERS]
+        age = reply.headers.get("Age")
+        if age is not None:  # the upstream's Age is part of the entry's age (§4.2.3); hits replace it
+            headers.append(("Age", age))
         entry = Entry(reply.status, headers, reply.body, request_time, now, fresh.lifetime, fresh.public)
         ttl = keep_for + 60.0  # kept a little past usefulness, for revalidation
+        generation = ""
         if vary:
-            await self._set(key + ":vary", json.dumps(vary).encode(), ttl)
+            known, generation = self._index(await self._get(key + ":vary"))
+            if known != vary or not generation:
+                generation = os.urandom(8).hex()
+            await self._set(key + ":vary", json.dumps({"vary": vary, "gen": generation}).encode(), ttl)
         else:
             await self._delete(key + ":vary")
-        await self._set(self._variant(key, vary, request_headers), entry.encode(), ttl)
+        await self._set(self._variant(key, vary, request_headers, generation), entry.encode(), ttl)
         return True
+
+    @staticmethod
+    def _updated(entry: Entry, headers: Any) -> CIMultiDict[str]:
+        """§4.3.4: a 304's headers update the stored ones (its Age replaces the stored one)."""
+        updated = CIMultiDict(entry.headers)
+        updated.popall("Age", None)
+        for name, value in headers.items():
+            if name.lower() not in NOT_STORED_HEADERS and name.lower() != "content-length":
+                updated[name] = value
+        if "Age" in headers:
+            updated["Age"] = headers["Age"]
+        return updated
 
     async def _revalidated(self, exchange: Exchange, lookup: Lookup, reply: Reply) -> None:
         """A 304 from the upstream: the stored entry is fresh again and answers the client."""
         entry = lookup.entry
         assert entry is not None
-        updated = CIMultiDict(entry.headers)
-        for name, value in reply.headers.items():  # §4.3.4: the 304's headers update the stored ones
-            if name.lower() not in NOT_STORED_HEADERS and name.lower() != "content-length":
-                updated[name] = value
+        updated = self._updated(entry, reply.headers)
         reply.status = entry.status
         reply.headers = CIMultiDict(updated)
         reply.body = entry.body
@@ -429,7 +517,8 @@ class CachePolicy(Policy):
     def _land(self, lookup: Lookup) -> None:
         flight = lookup.flight
         if flight is not None:
-            self.flights.pop(lookup.key, None)
+            if self.flights.get(lookup.key) is flight:
+                del self.flights[lookup.key]
             if not flight.done():
                 flight.set_result(None)
             lookup.flight = None
