@@ -20,10 +20,11 @@
   flight in the process, bounded by ``lock_timeout``).
 - A successful POST, PUT, PATCH or DELETE removes the entries of its URI (§4.4).
 - Storage: the gateway's store (Redis when configured, shared by every gateway process and kept
-  across restarts; else the embedded memory store), behind an in-process LRU bounded in bytes
-  when the store is shared. Bodies over 1 KiB are compressed; entries over ``max_entry_size``
-  (and responses without Content-Length) are not stored. When the store fails, the cache is
-  bypassed (or the local layer answers): never a 5xx.
+  across restarts; else the embedded memory store). With a shared store each process also keeps
+  an LRU copy bounded in bytes, which answers only when the store fails (lookups ask the store
+  first, so a write through one gateway invalidates for all). Bodies over 1 KiB are compressed;
+  entries over ``max_entry_size`` (and responses without Content-Length) are not stored. When
+  the store fails, the local copy answers or the request goes upstream: never a 5xx.
 """
 
 from __future__ import annotations
