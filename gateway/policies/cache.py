@@ -11,7 +11,8 @@
   entries the upstream marked public/s-maxage, or when the route keys by user.
 - Freshness: s-maxage, max-age, Expires, else the route's ``ttl`` (``override: true`` makes ttl
   win); Age is set on hits. Vary gives one entry per variant.
-- Every response of the route says what happened in an RFC 9211 ``Cache-Status`` header.
+- Every GET and HEAD answer that reaches the cache says what happened in an RFC 9211
+  ``Cache-Status`` header (writes, and requests refused before it, such as a 401, do not).
 - A fresh entry answers conditional requests (If-None-Match, If-Modified-Since) with 304. A stale
   one is revalidated with the upstream (If-None-Match / If-Modified-Since from its ETag and
   Last-Modified); a 304 refreshes it. Within ``stale_while_revalidate`` the stale copy is served
