@@ -791,3 +791,17 @@ async def test_redis_stopped_mid_test_never_causes_a_5xx(local_size: Any, upstre
         assert other.status == 200
     assert (await fetch(client, gateway.url + "/b", method="POST", data=b"x")).status == 200
     redis_server.start()
+
+
+async def test_every_response_on_a_cached_route_carries_cache_status_writes_and_refusals_too(upstream, start_gateway, client) -> None:
+    config = base_config(upstream.url)
+    config["routes"][0]["cache"] = {"ttl": "1m"}
+    config["routes"][0]["rate_limit"] = [{"key": "ip", "limit": 2, "window": "1m"}]
+    gateway = await start_gateway(config)
+    async with client.post(gateway.url + "/p", data=b"x") as response:
+        assert response.headers.getall("Cache-Status") == ["gateway; fwd=bypass"]
+    async with client.get(gateway.url + "/p") as response:
+        assert response.headers.getall("Cache-Status") == ["gateway; fwd=miss; stored"]
+    async with client.get(gateway.url + "/p") as response:  # over the limit: refused before the cache
+        assert response.status == 429
+        assert response.headers.getall("Cache-Status") == ["gateway; fwd=bypass"]

@@ -11,8 +11,8 @@
   entries the upstream marked public/s-maxage, or when the route keys by user.
 - Freshness: s-maxage, max-age, Expires, else the route's ``ttl`` (``override: true`` makes ttl
   win); Age is set on hits. Vary gives one entry per variant.
-- Every GET and HEAD answer that reaches the cache says what happened in an RFC 9211
-  ``Cache-Status`` header (writes, and requests refused before it, such as a 401, do not).
+- Every response on the route says what the cache did in an RFC 9211 ``Cache-Status`` header
+  (writes and answers made before the cache, such as a 401, say ``fwd=bypass``).
 - A fresh entry answers conditional requests (If-None-Match, If-Modified-Since) with 304. A stale
   one is revalidated with the upstream (If-None-Match / If-Modified-Since from its ETag and
   Last-Modified); a 304 refreshes it. Within ``stale_while_revalidate`` the stale copy is served
@@ -532,6 +532,9 @@ class CachePolicy(Policy):
     def on_response(self, exchange: Exchange, reply: Reply) -> None:
         lookup: Lookup | None = exchange.state.get("cache")
         if lookup is None:
+            # A write, or an answer made before the cache (a 401, a 429): the cache did not
+            # handle it, and says so (CONFIG.md: every response on a cached route has one).
+            reply.headers["Cache-Status"] = f"{CACHE_NAME}; fwd=bypass"
             return
         if "hit" not in lookup.status and self.metrics is not None:
             self._count("bypass" if "fwd=bypass" in lookup.status else "miss")
