@@ -436,6 +436,7 @@ class Gateway:
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         upstreams: dict[str, Any] = {}
         degraded = False
+        strict = frozenset(self.config.admin.unready_when_degraded) if self.config.admin is not None else frozenset()
         clock = time.monotonic()
         for name, upstream in runtime.upstreams.items():
             targets = {}
@@ -447,17 +448,19 @@ class Gateway:
             degraded |= state != "up"
             upstreams[name] = {"status": state, "targets": targets}
         checks: dict[str, Any] = {"upstreams": upstreams}
-        unready = self.draining
+        unready = self.draining or (degraded and "upstreams" in strict)
+        levels: list[tuple[str, str]] = []
         if self.store.shared:
             checks["redis"], level = await self._store_check(now)
-            degraded |= level == "degraded"
-            unready |= level == "unready"
+            levels.append(("redis", level))
         for resource in runtime.context.resources.values():
             if hasattr(resource, "readiness"):
                 name, check, level = resource.readiness()
                 checks[name] = check
-                degraded |= level == "degraded"
-                unready |= level == "unready"
+                levels.append((name, level))
+        for name, level in levels:  # admin.unready_when_degraded turns a degraded check into 503
+            degraded |= level == "degraded"
+            unready |= level == "unready" or (level == "degraded" and name in strict)
         checks["config"] = {"generation": runtime.generation, "file": str(self.config_path or ""), "loaded_at": runtime.loaded_at}
         status = "unready" if unready else ("degraded" if degraded else "ready")
         body = {"status": status, "timestamp": now, "checks": checks}

@@ -67,6 +67,9 @@ class Admin(Settings):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
     token: str = Field("", description="when set, mutating admin calls need 'Authorization: Bearer <token>'")
+    unready_when_degraded: tuple[Literal["upstreams", "redis", "jwks"], ...] = Field(
+        (), description="checks whose degradation makes /readyz unready (503); by default degraded is still 200"
+    )
 
 
 class Timeouts(Settings):

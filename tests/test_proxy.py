@@ -7,6 +7,7 @@ import json
 import re
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import assert_problem, base_config, free_port, parse_raw_response, raw_request
@@ -433,3 +434,17 @@ async def test_a_client_traceparent_is_passed_on_and_logged_and_a_trace_is_start
         assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", header) and header.split("-")[1] == line["trace_id"]
     assert sent[1] != sent[2]
     assert all(line["upstream_ms"] > 0 for line in lines)
+
+
+@pytest.mark.parametrize(("strict", "status", "state"), [((), 200, "degraded"), (("upstreams",), 503, "unready")])
+async def test_readiness_follows_the_configured_rule_when_an_upstream_is_down(strict, status, state, start_gateway, client):
+    config = base_config(f"http://127.0.0.1:{free_port()}")
+    config["upstreams"]["api"]["health"] = {"passive": {"failures": 1, "eject_for": "1m"}}
+    config["admin"] = {"host": "127.0.0.1", "port": 0, "unready_when_degraded": list(strict)}
+    gw = await start_gateway(config)
+    async with client.get(gw.url + "/") as resp:
+        assert resp.status == 502
+    async with client.get(gw.admin_url + "/readyz") as resp:
+        body = await resp.json()
+        assert resp.status == status and body["status"] == state
+        assert body["checks"]["upstreams"]["api"]["status"] == "down"

@@ -249,3 +249,15 @@ async def test_a_master_found_through_sentinel_keeps_the_limits(upstream, start_
     finally:
         sentinel.kill()
         sentinel.wait(10)
+
+
+async def test_readiness_can_be_told_that_redis_down_means_unready(upstream, start_gateway, client, redis_server) -> None:
+    config = limited(upstream.url, {"key": "ip", "limit": 5, "window": "1m"}, redis=redis_server)
+    config["admin"] = {"host": "127.0.0.1", "port": 0, "unready_when_degraded": ["redis"]}
+    gateway = await start_gateway(config)
+    redis_server.stop()
+    async with client.get(gateway.admin_url + "/readyz") as response:
+        body = await response.json()
+        assert response.status == 503 and body["status"] == "unready"
+    async with client.get(gateway.url + "/") as response:
+        assert response.status == 200  # requests are still answered (on_failure: memory)
