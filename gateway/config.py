@@ -50,6 +50,9 @@ class ListenLimits(Settings):
     header_timeout: Duration = Field(10.0, gt=0, description="time to receive a whole request head; 408 after")
     body_timeout: Duration = Field(60.0, gt=0, description="longest wait between two reads of a request body; 408 after")
     keepalive_timeout: Duration = Field(75.0, ge=0, description="idle client connections are closed after this")
+    max_connections: int = Field(
+        10000, gt=0, description="client connections per process; beyond, the longest-idle one is closed, or the new one when none is idle"
+    )
     drain_timeout: Duration = Field(30.0, ge=0, description="on SIGTERM, in-flight requests get this long to finish")
 
 

@@ -141,6 +141,24 @@ class GatewayServer(web.Server):
     def __call__(self) -> GatewayProtocol:
         return GatewayProtocol(self, loop=self._loop, **self._kwargs)
 
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        """listen.limits.max_connections: a new connection over the limit first closes the
+        longest-idle keep-alive connection (a client can reopen it), and is itself refused when
+        every connection is busy, so idle or slow clients cannot exhaust the process's sockets."""
+        super().connection_made(handler, transport)
+        if len(self._connections) <= self.limits.max_connections:
+            return
+        idle = next((h for h in self._connections if h is not handler and not h._request_in_progress), None)
+        if idle is not None:
+            idle.close()  # graceful: an idle keep-alive connection has nothing in flight
+            idle.force_close()
+            idle_transport = self._connections.get(idle)
+            if idle_transport is not None:
+                idle_transport.close()
+        else:
+            log.warning("connection refused: listen.limits.max_connections reached", extra={"max_connections": self.limits.max_connections})
+            transport.close()
+
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> GatewayRequest:  # type: ignore[override]
         request = GatewayRequest(message, payload, protocol, writer, task, self._loop)
         request.gateway = self.gateway

@@ -329,3 +329,57 @@ async def test_a_quiet_client_gets_nothing_before_its_head_completes(start_gatew
     gw = await hostile_gateway(start_gateway, upstream.url)
     assert await raw_request(gw.port, b"GET /x HTTP/1.1\r\nHost", read_timeout=0.3) == b""
     assert upstream.requests == []
+
+
+async def test_idle_connections_cannot_exhaust_the_listener(upstream, start_gateway) -> None:
+    """listen.limits.max_connections: over the limit, the longest-idle connection is closed."""
+    import asyncio as _asyncio
+
+    config = base_config(upstream.url)
+    config["listen"]["limits"] = {"max_connections": 5}
+    gateway = await start_gateway(config)
+    idle = []
+    for _ in range(5):  # five clients that sent nothing and keep their sockets open
+        reader, writer = await _asyncio.open_connection("127.0.0.1", gateway.port)
+        idle.append((reader, writer))
+    await _asyncio.sleep(0.1)
+    data = await raw_request(gateway.port, b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    assert parse_raw_response(data)[0] == 200  # the sixth still gets an answer
+    closed = 0
+    for reader, writer in idle:
+        try:
+            if await _asyncio.wait_for(reader.read(1), 1.0) == b"":
+                closed += 1
+        except _asyncio.TimeoutError:
+            pass
+        writer.close()
+    assert closed >= 1  # an idle one made room
+
+
+async def test_when_every_connection_is_busy_a_new_one_is_refused_and_the_busy_ones_finish(upstream, start_gateway) -> None:
+    import asyncio as _asyncio
+
+    from aiohttp import web as _web
+
+    release = _asyncio.Event()
+
+    async def slow(request: _web.Request) -> _web.Response:
+        await release.wait()
+        return _web.json_response({"ok": True})
+
+    upstream.handler = slow
+    config = base_config(upstream.url)
+    config["listen"]["limits"] = {"max_connections": 3}
+    gateway = await start_gateway(config)
+    busy = [_asyncio.create_task(raw_request(gateway.port, b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", read_timeout=10)) for _ in range(3)]
+    for _ in range(100):
+        if len(upstream.requests) == 3:
+            break
+        await _asyncio.sleep(0.05)
+    assert len(upstream.requests) == 3
+    refused = await raw_request(gateway.port, b"GET /y HTTP/1.1\r\nHost: gw\r\n\r\n", read_timeout=2)
+    assert refused == b""  # closed at once: no answer, nothing forwarded
+    release.set()
+    answers = await _asyncio.gather(*busy)
+    assert [parse_raw_response(a)[0] for a in answers] == [200, 200, 200]
+    assert [r.path for r in upstream.requests].count("/y") == 0
