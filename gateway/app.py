@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
@@ -62,6 +63,7 @@ from gateway.stores import MemoryStore, Store, make_store
 log = logging.getLogger("gateway")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # CONFIG.md, "Request id"
+SUPPORTED_VERSIONS = (HttpVersion10, HttpVersion11)
 GATEWAY_KEY = web.AppKey("gateway", "Gateway")
 
 
@@ -362,6 +364,9 @@ class Gateway:
     def _route(self, runtime: Runtime, exchange: Exchange) -> tuple[Reply | None, Pipeline]:
         """Check the head, normalise the path, find the route; a Reply when there is none."""
         request = exchange.request
+        if request.version not in SUPPORTED_VERSIONS:
+            # HTTP/0.9 or a 2.x/3.x request line over HTTP/1 framing: nothing to forward faithfully.
+            return problem(exchange, 505, "only HTTP/1.0 and HTTP/1.1 are served here"), runtime.unrouted
         head_size = len(request.method) + len(request.raw_path) + 12
         undecodable = False
         for name, value in request.raw_headers:

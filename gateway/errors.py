@@ -44,6 +44,7 @@ PROBLEM_TYPES = {
     502: "bad-gateway",
     503: "unavailable",
     504: "gateway-timeout",
+    505: "http-version-not-supported",
 }
 
 

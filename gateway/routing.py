@@ -174,6 +174,7 @@ class Router:
 
     def __init__(self, routes: list[Route], any_method: tuple[str, ...] = ()) -> None:
         self.routes = tuple(routes)
+        self.any_method = any_method
         # Every method some route serves (a route without `methods` serves `any_method`): the
         # Allow header of a refused CONNECT, worked out once here rather than per request.
         served: set[str] = set()
@@ -187,7 +188,15 @@ class Router:
         for route in self.routes:
             if not route.matches(host, path):
                 continue
-            if route.methods is None or method in route.methods:
+            if route.methods is None:
+                # A route without `methods` serves every method but TRACE, which echoes the
+                # request (cookies, tokens) back to the client: cross-site tracing. A route
+                # that wants it lists it (nginx refuses TRACE the same way).
+                if method != "TRACE":
+                    return route, ()
+                allowed |= set(self.any_method) - {"TRACE", "CONNECT"}
+                continue
+            if method in route.methods:
                 return route, ()
             allowed |= route.methods
         return None, tuple(sorted(allowed))

@@ -383,3 +383,28 @@ async def test_when_every_connection_is_busy_a_new_one_is_refused_and_the_busy_o
     answers = await _asyncio.gather(*busy)
     assert [parse_raw_response(a)[0] for a in answers] == [200, 200, 200]
     assert [r.path for r in upstream.requests].count("/y") == 0
+
+
+async def test_trace_is_refused_unless_a_route_lists_it(upstream, start_gateway) -> None:
+    config = base_config(upstream.url)
+    config["routes"].insert(0, {"name": "diagnostics", "match": {"path": "/diag", "methods": ["TRACE"]}, "upstream": "api"})
+    gateway = await start_gateway(config)
+    data = await raw_request(gateway.port, b"TRACE /x HTTP/1.1\r\nHost: gw\r\nCookie: session=secret\r\nConnection: close\r\n\r\n")
+    status, headers, body = parse_raw_response(data)
+    assert_problem(status, headers, body, 405)
+    assert "TRACE" not in headers["allow"] and "GET" in headers["allow"]
+    assert upstream.requests == []
+    data = await raw_request(gateway.port, b"TRACE /diag HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    assert parse_raw_response(data)[0] == 200  # listed on purpose: forwarded
+    assert [r.method for r in upstream.requests] == ["TRACE"]
+
+
+async def test_request_lines_of_other_http_versions_are_a_505(upstream, start_gateway) -> None:
+    gateway = await start_gateway(base_config(upstream.url))
+    # aiohttp's parser refuses versions it cannot read (400); those it reads but the gateway does
+    # not serve (2.0 framed as HTTP/1, and 0.9) get a 505 problem.
+    for line, expected in ((b"GET /x HTTP/2.0", 505), (b"GET /x", 505), (b"GET /x HTTP/1.2", 400), (b"GET /x HTTP/3.0", 400)):
+        data = await raw_request(gateway.port, line + b"\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        status, headers, body = parse_raw_response(data)
+        assert_problem(status, headers, body, expected)
+    assert upstream.requests == []
