@@ -292,12 +292,12 @@ class Gateway:
             return await send(request, reply, exchange)
         finally:
             runtime.leave()
+            self.metrics.in_flight.dec()
             self._observe(exchange, status)
             self.access_log.record(exchange, status)
 
     def _observe(self, exchange: Exchange, status: int) -> None:
         metrics = self.metrics
-        metrics.in_flight.dec()
         route = exchange.route.name if exchange.route is not None else UNMATCHED
         elapsed = time.perf_counter() - exchange.started
         metrics.request_duration.labels(method=method_label(exchange.method), route=route, status_code=str(status)).observe(elapsed)
@@ -311,8 +311,7 @@ class Gateway:
         reply = problem(exchange, status, detail)
         self.runtime.unrouted.on_response(exchange, reply)
         reply.headers["X-Request-ID"] = exchange.request_id
-        self.metrics.in_flight.inc()  # counted like every other answer (_observe takes it back)
-        self._observe(exchange, status)
+        self._observe(exchange, status)  # counted like every other answer
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
     async def _serve(self, runtime: Runtime, exchange: Exchange) -> web.StreamResponse:

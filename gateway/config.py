@@ -11,7 +11,6 @@ that registry, so adding a policy never touches this file.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError, core_schema
 
 from gateway.errors import ConfigError, ConfigIssue
-from gateway.settings import ENV_REFERENCE_SCHEMA, Duration, Network, Settings, Size
+from gateway.settings import ENV_REFERENCE_SCHEMA, Duration, Network, Settings, Size, did_you_mean
 
 DEFAULT_PATH = "gateway.yaml"
 SCHEMA_PATH = Path(__file__).with_name("gateway.schema.json")
@@ -441,16 +440,11 @@ def _cross_references(document: dict[str, Any]) -> list[ConfigIssue]:
             names.setdefault(name, index)
         upstream = route.get("upstream")
         if isinstance(upstream, str) and isinstance(upstreams, dict) and upstream not in upstreams:
-            issues.append(ConfigIssue(f"routes[{index}].upstream", f"unknown upstream {upstream!r}{_did_you_mean(upstream, upstream_names)}"))
+            issues.append(ConfigIssue(f"routes[{index}].upstream", f"unknown upstream {upstream!r}{did_you_mean(upstream, upstream_names)}"))
         match = route.get("match")
         if isinstance(match, dict) and match.get("path") is None and match.get("path_regex") is None:
             issues.append(ConfigIssue(f"routes[{index}].match", "give path (a prefix such as /api) or path_regex"))
     return issues
-
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 # Messages for pydantic's own error types, in the words of CONFIG.md.
@@ -488,7 +482,7 @@ def _issues_from(error: ValidationError, model: type[BaseModel], document: Any) 
         if kind == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
             known = list(owner.model_fields) if owner else []
-            message = f"unknown key {loc[-1]!r}{_did_you_mean(str(loc[-1]), known)}"
+            message = f"unknown key {loc[-1]!r}{did_you_mean(str(loc[-1]), known)}"
             if known:
                 message += f" (known keys: {', '.join(known)})"
         elif kind == "literal_error":

@@ -51,6 +51,17 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], listed: set[str]) -> CI
     return CIMultiDict((name, value) for name, value in headers if name.lower() not in drop)
 
 
+def in_networks(address: str | None, networks: Iterable[IPNetwork]) -> bool:
+    """Whether an address (as the socket or X-Forwarded-For gives it) lies in any of the networks."""
+    if not networks or not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
 class Forwarding:
     """Built once per config from listen.trusted_proxies."""
 
@@ -59,13 +70,7 @@ class Forwarding:
         self.reserved = tuple(reserved)  # headers only the gateway sets: client copies dropped
 
     def is_trusted(self, address: str | None) -> bool:
-        if not self.trusted or not address:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.trusted)
+        return in_networks(address, self.trusted)
 
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> str:
         """The peer, or, when the peer is trusted, the right-most untrusted X-Forwarded-For entry."""

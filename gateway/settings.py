@@ -8,6 +8,7 @@ expected, in the words of CONFIG.md; :mod:`gateway.config` adds the file and the
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from typing import Annotated, Any
@@ -24,6 +25,25 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)(b|kb|mb|gb)?$", re.IGNORECASE)
 # A `${VAR}` reference is accepted by the schema wherever a typed value may stand: it is
 # replaced from the environment before validation (gateway.config.interpolate).
 ENV_REFERENCE_SCHEMA = {"type": "string", "pattern": r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}$"}
+
+
+# RFC 9110 §5.6.2 tokens (header names, methods, directive names) and §5.5 field values
+# (visible ASCII, space and tab: no CR, LF or other controls).
+TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+FIELD_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
+
+
+def did_you_mean(word: Any, choices: Any) -> str:
+    """'; did you mean 'x'?' for the closest choice, or ''."""
+    close = difflib.get_close_matches(str(word), sorted(str(c) for c in choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def header_name(value: Any) -> str:
+    """A header field name (a token), else a config error saying so."""
+    if not isinstance(value, str) or not TOKEN.match(value):
+        raise PydanticCustomError("header", "expected a header name such as 'X-Frame-Options', got {got}", {"got": repr(value)})
+    return value
 
 
 class Settings(BaseModel):

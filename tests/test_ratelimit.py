@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Any
 
@@ -187,9 +188,18 @@ async def test_on_failure_allow_or_deny_decides_while_redis_is_down(mode: str, e
 async def test_the_circuit_breaker_stops_calling_a_dead_redis_and_recovers(upstream, start_gateway, client, redis_server) -> None:
     gateway = await start_gateway(limited(upstream.url, {"key": "ip", "limit": 1000, "window": "1m"}, redis=redis_server))
     store = gateway.gateway.store
+    lines: list[logging.LogRecord] = []
+    recorder = logging.Handler()
+    recorder.emit = lines.append  # type: ignore[method-assign]
+    logging.getLogger("gateway").addHandler(recorder)
     redis_server.stop()
-    await statuses(client, gateway.url + "/", 20)
+    try:
+        await statuses(client, gateway.url + "/", 20)
+    finally:
+        logging.getLogger("gateway").removeHandler(recorder)
     assert store.breaker.state == "open" and store.breaker.transitions["open"] == 1  # one transition, not 20
+    breaker_lines = [r for r in lines if r.getMessage().startswith("circuit breaker redis")]
+    assert [r.getMessage() for r in breaker_lines] == ["circuit breaker redis: open"]  # one log line, not one per request
     redis_server.start()
     for _ in range(100):
         await statuses(client, gateway.url + "/", 1)

@@ -42,7 +42,7 @@ from gateway.errors import DependencyUnavailable
 from gateway.jwks import PUBLIC_KEY_TYPES, JwksKeys, KeyUnavailable, key_fits
 from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply, problem
-from gateway.settings import Duration, Settings, Size
+from gateway.settings import Duration, Settings, Size, header_name
 
 log = logging.getLogger("gateway")
 
@@ -103,10 +103,8 @@ class IssuerSettings(Settings):
     @field_validator("forward_claims")
     @classmethod
     def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
-        from gateway.policies.headers import _header_name
-
         for header in value.values():
-            _header_name(header)
+            header_name(header)
         return value
 
     @model_validator(mode="after")

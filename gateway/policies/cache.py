@@ -336,12 +336,10 @@ class CachePolicy(Policy):
 
     def _refresh_in_background(self, exchange: Exchange, key: str, entry: Entry) -> None:
         """stale_while_revalidate: one background fetch per key refreshes the entry."""
-        if key in self.flights:
+        route = exchange.route
+        if key in self.flights or route is None:
             return
         future = self.flights[key] = asyncio.get_running_loop().create_future()
-        route = exchange.route
-        if route is None:
-            return
         upstream, headers = route.upstream, exchange.upstream_headers.copy()
         path, query = exchange.path, exchange.query
         request_headers = CIMultiDict(exchange.request.headers)
@@ -355,14 +353,16 @@ class CachePolicy(Policy):
         if modified:
             headers["If-Modified-Since"] = modified
 
+        # Its own exchange, through the upstream's forward(): balancing, retries, passive health
+        # and in-flight counts see the refresh like any request.
+        background = Exchange(exchange.request, exchange.request_id, exchange.client_ip, time.perf_counter())
+        background.method, background.path, background.query = "GET", path, query
+        background.route, background.upstream_headers = route, headers
+
         async def refresh() -> None:
             try:
-                assert upstream.session is not None
-                target = upstream.pick([])
-                url = upstream.url(target, exchange)
-                headers["Host"] = upstream.host_header(target, exchange)
                 started = self.wall()
-                async with upstream.session.get(url, headers=headers, allow_redirects=False) as response:
+                async with upstream.forward(background, None) as response:
                     if response.status == 304 and (etag or modified):
                         await self._store(key, request_headers, Reply(entry.status, self._updated(entry, response.headers), entry.body), started, "GET")
                     elif self._storable(request_headers, response.status, response.headers, response.content_length):

@@ -41,7 +41,6 @@ since upstreams send the same few values over and over.
 
 from __future__ import annotations
 
-import difflib
 import re
 from functools import lru_cache
 from typing import Any
@@ -50,7 +49,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply
-from gateway.settings import Settings, parse_duration
+from gateway.settings import FIELD_VALUE, TOKEN, Settings, did_you_mean, parse_duration
 
 # RFC 9111 §5.2.2 response directives, RFC 8246 immutable, RFC 5861 stale-* (also used by
 # CDN-Cache-Control, RFC 9213 §2.1, and by Surrogate-Control).
@@ -75,10 +74,6 @@ SHARED_CACHE_HEADERS = (
 )
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 
-# RFC 9110 §5.6.2 token (header names, directive names).
-TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# RFC 9110 §5.5 field value: visible ASCII, space and tab; no CR, LF or other controls.
-FIELD_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
 SURROGATE_KEY = re.compile(r"^[\x21-\x7e]+$")  # keys are sent space-separated
 
 Directive = tuple[str, str | None]  # (lower-case name, argument as written or None)
@@ -142,8 +137,7 @@ def parse_directives(value: str, header: str = "Cache-Control") -> tuple[Directi
                 raise _error("expected directives separated by commas, got {got} (write {fixed})", got=repr(part), fixed=repr(", ".join(part.split())))
             raise _error("expected a directive name such as 'max-age', got {got}", got=repr(part))
         if name not in DIRECTIVES:
-            close = difflib.get_close_matches(name, sorted(DIRECTIVES), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, DIRECTIVES)
             raise _error("unknown directive {name}{hint} (known: {known})", name=repr(name), hint=hint, known=", ".join(sorted(DIRECTIVES)))
         if name in seen:
             raise _error("{name} is given twice in {got}", name=name, got=repr(value))

@@ -53,10 +53,8 @@ from pydantic_core import PydanticCustomError
 
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply, problem
 from gateway.routing import is_preflight
-from gateway.settings import Duration, Settings
+from gateway.settings import TOKEN, Duration, Settings
 
-# RFC 9110 §5.6.2: methods and header field names are tokens.
-TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Fetch §2.2.1: browsers send these without a preflight; CONNECT, TRACE and TRACK never at all.
 SAFELISTED_METHODS = frozenset({"GET", "HEAD", "POST"})
 FORBIDDEN_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})

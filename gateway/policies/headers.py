@@ -25,7 +25,6 @@ Decisions:
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
@@ -34,11 +33,8 @@ from pydantic_core import PydanticCustomError, core_schema
 
 from gateway.errors import ConfigIssue
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply
-from gateway.settings import Duration, Settings
+from gateway.settings import FIELD_VALUE, TOKEN, Duration, Settings, did_you_mean, header_name
 
-# RFC 9110 §5.1 field names and §5.5 field values (visible ASCII, space and tab).
-TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-FIELD_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
 
 # CSP Level 3 (w3.org/TR/CSP3 §6) plus directives still in use from other specs.
 CSP_DIRECTIVES = frozenset(
@@ -92,17 +88,6 @@ LEAK_HEADERS = ("X-Powered-By", "Server", "X-AspNet-Version", "X-AspNetMvc-Versi
 # ---------------------------------------------------------------------------------------------
 
 
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _header_name(value: Any) -> str:
-    if not isinstance(value, str) or not TOKEN.match(value):
-        raise PydanticCustomError("header", "expected a header name such as 'X-Frame-Options', got {got}", {"got": repr(value)})
-    return value
-
-
 def _field_value(name: str, value: str) -> str:
     if not FIELD_VALUE.match(value) or value != value.strip():
         raise PydanticCustomError("header", "{name}: expected printable ASCII without line breaks or outer spaces, got {got}", {"name": name, "got": repr(value)})
@@ -128,7 +113,7 @@ CspValue = list[str] | str | bool | None
 def csp_sources(directive: str, value: Any) -> tuple[str, ...] | None:
     """A directive's sources as a tuple (empty for a valueless directive); None drops it."""
     if directive not in CSP_DIRECTIVES:
-        raise PydanticCustomError("csp", "unknown CSP directive {name}{hint}", {"name": repr(directive), "hint": _did_you_mean(directive, CSP_DIRECTIVES)})
+        raise PydanticCustomError("csp", "unknown CSP directive {name}{hint}", {"name": repr(directive), "hint": did_you_mean(directive, CSP_DIRECTIVES)})
     if value is None or value is False:
         return None
     if value is True:
@@ -288,7 +273,7 @@ class SecurityHeadersSettings(Settings):
     def _check_headers(cls, value: dict[str, str | Literal[False]]) -> dict[str, str | Literal[False]]:
         seen: dict[str, str] = {}
         for name, header_value in value.items():
-            _header_name(name)
+            header_name(name)
             if name.lower() in seen:
                 raise PydanticCustomError("header", "{name} is given twice ({other})", {"name": name, "other": seen[name.lower()]})
             seen[name.lower()] = name
@@ -300,7 +285,7 @@ class SecurityHeadersSettings(Settings):
     @classmethod
     def _check_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         for name in value or ():
-            _header_name(name)
+            header_name(name)
         return value
 
 
@@ -491,7 +476,7 @@ def resolve(block: SecurityHeadersSettings, presets: Mapping[str, SecurityHeader
         user, builtin = presets.get(name), PRESETS.get(name)
         if user is None and builtin is None:
             known = sorted({*PRESETS, *presets})
-            raise ValueError(f"unknown preset {name!r}{_did_you_mean(name, known)} (known: {', '.join(known)})")
+            raise ValueError(f"unknown preset {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
         if user is not None:
             chain.append(user)
             if user.preset is not None and user.preset != name:

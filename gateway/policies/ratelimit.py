@@ -30,18 +30,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import logging
 import math
 import re
 import time
 from collections import OrderedDict
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from gateway.errors import DependencyUnavailable
+from gateway.forwarded import in_networks
 from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply, problem
 from gateway.settings import Duration, Network, Settings
@@ -134,7 +134,7 @@ class Limit:
 
     def identity(self, exchange: Exchange) -> str | None:
         """Who this request counts as; None when the limit does not apply (allow list)."""
-        if self.allow and _in(exchange.client_ip, self.allow):
+        if self.allow and in_networks(exchange.client_ip, self.allow):
             return None
         if self.kind == "ip":
             return f"ip:{exchange.client_ip}"
@@ -148,14 +148,6 @@ class Limit:
                 value = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
             return f"h:{value}"
         return "-"  # route, global
-
-
-def _in(address: str, networks: tuple[Any, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
 
 
 def partition_key(key: str) -> str:
