@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Sequence
 
@@ -571,3 +572,41 @@ if __name__ == "__main__":
         aiohttp_load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) == 6 else None)
     else:
         sys.exit("usage: python -m benchmarks.common static PORT FILE | load URL SECONDS CONNECTIONS [SPEC.json]")
+
+
+# -- the command line and the results file, the same for every benchmark ------------------------
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load_options(parser: Any, *, seconds: float, warmup: float, rounds_help: str, warmup_help: str, keep_help: str) -> None:
+    """The options every load benchmark takes."""
+    parser.add_argument("--seconds", type=float, default=seconds, help="length of each measured load run")
+    parser.add_argument("--rounds", type=int, default=3, help=rounds_help)
+    parser.add_argument("--warmup", type=float, default=warmup, help=warmup_help)
+    parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections")
+    parser.add_argument("--keep", action="store_true", help=keep_help)
+
+
+def run_and_save(name: str, run: Any, args: Any, parser: Any) -> tuple[dict[str, Any], Path]:
+    """Check the options, run the benchmark, write its JSON to benchmarks/results/; exit 130 on Ctrl-C."""
+    if args.rounds < 1 or args.seconds < 1 or args.warmup < 1:
+        parser.error("--rounds, --seconds and --warmup must be at least 1")
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything started was stopped", file=sys.stderr)
+        sys.exit(130)
+    RESULTS.mkdir(exist_ok=True)
+    ignore = RESULTS / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*.json\n")
+    out = RESULTS / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report, out
+
+
+def findings_lines(report: dict[str, Any], none: str) -> list[str]:
+    if not report["findings"]:
+        return [f"findings: none ({none})"]
+    return ["", "findings:", *(f"  - {finding}" for finding in report["findings"])]

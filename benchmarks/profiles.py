@@ -18,7 +18,7 @@ the profile has them; no JWT, no body checks) and ``node`` (benchmarks/node/serv
 helmet, express-rate-limit + rate-limit-redis, http-proxy-middleware, jose, sanitize-html,
 validator, prom-client).
 
-The response-cache profile is left out: the gateway's cache policy is not written yet.
+The cache-hit profile is not part of the runner yet.
 
 Helpers run as their own processes: ``python -m benchmarks.profiles upstream PORT FILE`` (the
 cheap upstream when nginx is missing: a bare asyncio HTTP/1.1 server answering GET with FILE and
@@ -190,21 +190,11 @@ def gateway_config(profile: str, port: int, upstream_port: int, redis_port: int,
 # nginx: the upstream and the reference proxy
 # ---------------------------------------------------------------------------------------------
 
-HELMET_HEADERS = {  # helmet 8.3.0's defaults, as docs/security-headers.md lists them
-    "Content-Security-Policy": "default-src 'self';base-uri 'self';font-src 'self' https: data:;form-action 'self';frame-ancestors 'self';"
-    "img-src 'self' data:;object-src 'none';script-src 'self';script-src-attr 'none';style-src 'self' https: 'unsafe-inline';upgrade-insecure-requests",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
-    "Origin-Agent-Cluster": "?1",
-    "Referrer-Policy": "no-referrer",
-    "Strict-Transport-Security": "max-age=31536000; includeSubDomains",
-    "X-Content-Type-Options": "nosniff",
-    "X-DNS-Prefetch-Control": "off",
-    "X-Download-Options": "noopen",
-    "X-Frame-Options": "SAMEORIGIN",
-    "X-Permitted-Cross-Domain-Policies": "none",
-    "X-XSS-Protection": "0",
-}
+def helmet_headers() -> dict[str, str]:
+    """What the gateway's helmet preset sends, so the nginx reference adds exactly the same set."""
+    from gateway.policies.headers import SecurityHeadersSettings, resolve
+
+    return resolve(SecurityHeadersSettings(preset="helmet"), {}).header_values()
 
 
 def _nginx_common(scratch: Path, name: str) -> str:
@@ -254,7 +244,7 @@ def nginx_upstream_config(scratch: Path, port: int, document: Path) -> Path:
 
 def nginx_reference_config(scratch: Path, port: int, upstream_port: int) -> Path:
     """nginx as the reference proxy, one location per profile (docs in PROFILES[...].does['nginx'])."""
-    headers = "\n".join(f'            add_header {name} "{value}" always;' for name, value in HELMET_HEADERS.items())
+    headers = "\n".join(f'            add_header {name} "{value}" always;' for name, value in helmet_headers().items())
     forwarded = """
             proxy_set_header Host $proxy_host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;

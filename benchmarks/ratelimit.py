@@ -40,6 +40,9 @@ from typing import Any, Sequence
 import redis
 
 from benchmarks.common import (
+    findings_lines,
+    load_options,
+    run_and_save,
     ROOT,
     Processes,
     cpu_plan,
@@ -55,7 +58,6 @@ from benchmarks.common import (
     wait_for_port,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PATH = "/bench"
 HIGH = 10_000_000  # a limit nothing reaches in a run
 LIMITS = {
@@ -486,36 +488,15 @@ def table(report: dict[str, Any]) -> str:
     )
     if env["load_tool"] != "wrk":
         lines.append("note: without wrk the bundled aiohttp load generator shares the load core and may saturate before the servers do")
-    if report["findings"]:
-        lines.append("")
-        lines.append("findings:")
-        lines += [f"  - {finding}" for finding in report["findings"]]
-    else:
-        lines.append("findings: none (statuses, Redis counts and gateway logs as expected)")
+    lines += findings_lines(report, "statuses, Redis counts and gateway logs as expected")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="length of each measured load run")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of upstream, (a), (b)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up load per target")
-    parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (configs, logs)")
+    load_options(parser, seconds=6.0, warmup=2.0, rounds_help="rounds of upstream, (a), (b)", warmup_help="warm-up load per target", keep_help="keep the scratch folder (configs, logs)")
     args = parser.parse_args()
-    if args.rounds < 1 or args.seconds < 1 or args.warmup < 1:
-        parser.error("--rounds, --seconds and --warmup must be at least 1")
-    try:
-        report = run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything started was stopped", file=sys.stderr)
-        sys.exit(130)
-    RESULTS.mkdir(exist_ok=True)
-    ignore = RESULTS / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("*.json\n")
-    out = RESULTS / f"ratelimit-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report, out = run_and_save("ratelimit", run, args, parser)
     print()
     print(table(report))
     print(f"\nevery run: {out.relative_to(ROOT)}  (total {time.monotonic() - started_at:.0f}s)")

@@ -47,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    findings_lines,
+    load_options,
+    run_and_save,
     NGINX,
     ROOT,
     Processes,
@@ -62,7 +65,6 @@ from benchmarks.common import (
     wait_for_port,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PATH = "/bench"
 RECORD_PATH = "/record"
 VARIANT_HEADER = "X-Bench-Body"
@@ -893,36 +895,15 @@ def table(report: dict[str, Any]) -> str:
     )
     if env["load_tool"] != "wrk":
         lines.append("note: without wrk the bundled aiohttp load generator shares the load core and may saturate before the gateway does")
-    if report["findings"]:
-        lines.append("")
-        lines.append("findings:")
-        lines += [f"  - {finding}" for finding in report["findings"]]
-    else:
-        lines.append("findings: none (statuses, upstream bodies, gateway logs as expected)")
+    lines += findings_lines(report, "statuses, upstream bodies, gateway logs as expected")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of each measured load run")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every config x body")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up load per gateway (mixed bodies)")
-    parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (configs, logs, bodies, Lua scripts)")
+    load_options(parser, seconds=2.0, warmup=1.0, rounds_help="rounds of every config x body", warmup_help="warm-up load per gateway (mixed bodies)", keep_help="keep the scratch folder (configs, logs, bodies, Lua scripts)")
     args = parser.parse_args()
-    if args.rounds < 1 or args.seconds < 1 or args.warmup < 1:
-        parser.error("--rounds, --seconds and --warmup must be at least 1")
-    try:
-        report = run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything started was stopped", file=sys.stderr)
-        sys.exit(130)
-    RESULTS.mkdir(exist_ok=True)
-    ignore = RESULTS / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("*.json\n")
-    out = RESULTS / f"sanitize-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report, out = run_and_save("sanitize", run, args, parser)
     print()
     print(table(report))
     print(f"\nevery run: {out.relative_to(ROOT)}  (total {time.monotonic() - started_at:.0f}s)")
