@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
+import json
 import logging
 import os
 import re
@@ -32,10 +34,11 @@ from gateway import __version__, error_tracking
 from gateway.access_log import AccessLog, setup_logging
 from gateway.body import forwarded_body
 from gateway.config import METHODS, GatewayConfig, effective_blocks, load_config
-from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError
+from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError, problem_body, problem_headers
 from gateway.forwarded import Forwarding, traceparent
 from gateway.metrics import UNMATCHED, Metrics, method_label
 from gateway.pipeline import Exchange, Pipeline, Policy, PolicyContext, Reply, problem
+from gateway.policies.cache import CachePolicy, Purge
 from gateway.proxy import (
     ClientBodyError,
     HandshakeRefused,
@@ -433,7 +436,15 @@ class Gateway:
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/readyz", _readyz)
         app.router.add_get("/metrics", _metrics)
+        app.router.add_post("/cache/purge", _purge)
         return app
+
+    async def purge(self, purge: Purge) -> int:
+        """Remove what a purge names from every cached route; how many entries existed."""
+        policies = [p for route in self.runtime.router.routes for p in route.pipeline.policies if isinstance(p, CachePolicy)]
+        purged = sum([await policy.purge(purge) for policy in policies])
+        log.info("cache purge", extra={"purge": purge.kind, "value": purge.value, "purged": purged})
+        return purged
 
     async def readiness(self) -> tuple[int, dict[str, Any]]:
         runtime = self.runtime
@@ -500,6 +511,32 @@ async def _metrics(request: web.Request) -> web.Response:
     body = await asyncio.get_running_loop().run_in_executor(None, gateway.metrics.exposition)
     # The 0.0.4 text format: what every Prometheus 2.x and 3.x scrapes (Debian 12 ships 2.42).
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Cache-Control": "no-store"})
+
+
+def _admin_problem(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=problem_body(status, detail, new_request_id()), headers=problem_headers(headers))
+
+
+async def _purge(request: web.Request) -> web.Response:
+    """POST /cache/purge {"url" | "prefix" | "tag": ...} → {"purged": N} (CONFIG.md)."""
+    gateway = request.app[GATEWAY_KEY]
+    token = gateway.config.admin.token if gateway.config.admin is not None else ""
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if token and not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        return _admin_problem(401, "the admin token is missing or wrong", {"WWW-Authenticate": 'Bearer realm="admin"'})
+    try:
+        document = json.loads(await request.read())
+    except ValueError:  # not JSON, or not UTF-8
+        return _admin_problem(400, "the body is not JSON")
+    try:
+        purge = Purge.parse(document, gateway.runtime.keep_escaped_slashes)
+    except ValueError as exc:
+        return _admin_problem(400, str(exc))
+    try:
+        purged = await gateway.purge(purge)
+    except DependencyUnavailable:
+        return _admin_problem(503, "the cache store is unavailable; nothing was purged for certain", {"Retry-After": "1"})
+    return web.json_response({"purged": purged}, headers={"Cache-Control": "no-store"})
 
 
 async def _healthz(request: web.Request) -> web.Response:

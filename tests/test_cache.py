@@ -113,6 +113,11 @@ def redis_keys(server: RedisServer, pattern: str) -> list[str]:
     return [line for line in lines[1:] if line and not line.startswith("$")]
 
 
+def entry_keys(server: RedisServer) -> list[str]:
+    """Keys of stored responses (not the Vary indexes, purge's index or locks)."""
+    return [key for key in redis_keys(server, "gw:c:*") if not key.endswith((":vary", ":index", ":index:exp", ":lock"))]
+
+
 def redis_strlen(server: RedisServer, key: str) -> int:
     return int(server.command("STRLEN", key).decode().strip().lstrip(":"))
 
@@ -727,7 +732,7 @@ async def test_large_bodies_are_stored_compressed_in_redis_and_served_intact(ups
     config = on_redis(cached(upstream.url, local_size=0), redis_server)  # every hit read from Redis
     gateway = await start_gateway(config)
     assert (await fetch(client, gateway.url + "/big")).body == body
-    entries = [k for k in redis_keys(redis_server, "gw:c:*") if not k.endswith(":vary")]
+    entries = entry_keys(redis_server)
     assert len(entries) == 1
     assert redis_strlen(redis_server, entries[0]) < len(body) // 4
     hit = await fetch(client, gateway.url + "/big")
@@ -739,7 +744,7 @@ async def test_small_bodies_are_stored_as_they_are(upstream, start_gateway, clie
     numbered(upstream, {"Cache-Control": "max-age=60"})
     gateway = await start_gateway(on_redis(cached(upstream.url), redis_server))
     await fetch(client, gateway.url + "/")
-    [key] = redis_keys(redis_server, "gw:c:*")
+    [key] = entry_keys(redis_server)
     raw = redis_server.command("GET", key)
     head, _, body = raw.partition(b"\r\n")[2].partition(b"\n")
     assert json.loads(head)["z"] is False and body == b"response 1\r\n"

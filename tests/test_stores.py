@@ -204,6 +204,88 @@ async def test_later_increments_keep_the_original_expiry(subject: StoreUnderTest
 
 
 # ---------------------------------------------------------------------------------------------
+# add (the cache's lock across gateways)
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_add_stores_only_when_the_key_is_missing_and_says_which_call_did(subject: StoreUnderTest) -> None:
+    assert await subject.store.add("lock", b"first", ttl=5) is True
+    assert await subject.store.add("lock", b"second", ttl=5) is False
+    assert await subject.store.get("lock") == b"first"
+
+
+async def test_an_added_key_expires_and_can_be_added_again(subject: StoreUnderTest) -> None:
+    await subject.store.add("lock", b"first", ttl=2)
+    await subject.advance(2.1)
+    assert await subject.store.add("lock", b"second", ttl=2) is True
+    assert await subject.store.get("lock") == b"second"
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexes (the cache's purge by URL, prefix and tag)
+# ---------------------------------------------------------------------------------------------
+
+NOW_MS = 1_700_000_000_000
+
+
+async def test_index_take_removes_and_returns_the_members_with_a_prefix_in_byte_order(subject: StoreUnderTest) -> None:
+    store = subject.store
+    await store.index_add("ix", ["p/b/2", "p/a/1", "t/x", "p/ab"], NOW_MS + 60_000, NOW_MS)
+    assert await store.index_take("ix", "p/a", 10) == ["p/a/1", "p/ab"]
+    assert await store.index_take("ix", "p/a", 10) == []  # taken once
+    assert await store.index_take("ix", "p/", 10) == ["p/b/2"]
+    assert await store.index_take("ix", "t/", 10) == ["t/x"]
+    assert await store.index_take("nothing", "p", 10) == []
+
+
+async def test_index_take_hands_out_at_most_count_members_per_call(subject: StoreUnderTest) -> None:
+    members = [f"m{i:03d}" for i in range(25)]
+    await subject.store.index_add("ix", members, NOW_MS + 60_000, NOW_MS)
+    batches = [await subject.store.index_take("ix", "m", 10) for _ in range(4)]
+    assert [len(batch) for batch in batches] == [10, 10, 5, 0]
+    assert sum(batches, []) == members
+
+
+async def test_adding_a_member_again_keeps_one_copy(subject: StoreUnderTest) -> None:
+    await subject.store.index_add("ix", ["a"], NOW_MS + 1_000, NOW_MS)
+    await subject.store.index_add("ix", ["a"], NOW_MS + 60_000, NOW_MS)
+    assert await subject.store.index_take("ix", "", 10) == ["a"]
+
+
+async def test_expired_members_are_dropped_by_later_adds_so_an_index_does_not_grow(subject: StoreUnderTest) -> None:
+    store = subject.store
+    await store.index_add("ix", [f"old{i}" for i in range(10)], NOW_MS + 1_000, NOW_MS)
+    await store.index_add("ix", ["kept"], NOW_MS + 60_000, NOW_MS)
+    await store.index_add("ix", ["new"], NOW_MS + 60_000, NOW_MS + 2_000)  # the old ones expired
+    assert await store.index_take("ix", "", 100) == ["kept", "new"]
+
+
+async def test_a_member_lasts_until_its_latest_expiry(subject: StoreUnderTest) -> None:
+    store = subject.store
+    await store.index_add("ix", ["a"], NOW_MS + 60_000, NOW_MS)
+    await store.index_add("ix", ["a"], NOW_MS + 1_000, NOW_MS)  # an earlier expiry does not shorten it
+    await store.index_add("ix", ["b"], NOW_MS + 60_000, NOW_MS + 2_000)
+    assert await store.index_take("ix", "", 10) == ["a", "b"]
+
+
+async def test_members_may_hold_nul_separators_and_non_ascii(subject: StoreUnderTest) -> None:
+    members = ["p\x00/caf\u00e9\x00\x00key1", "p\x00/caf\u00e9s\x00\x00key2"]
+    await subject.store.index_add("ix", members, NOW_MS + 60_000, NOW_MS)
+    assert await subject.store.index_take("ix", "p\x00/caf\u00e9\x00", 10) == members[:1]
+
+
+async def test_a_redis_index_expires_with_its_last_member(redis_server: RedisServer) -> None:
+    subject = await redis_store(server=redis_server)
+    store = subject.store
+    assert isinstance(store, RedisStore)
+    await store.index_add("ix", ["a"], NOW_MS + 5_000, NOW_MS)
+    await store.index_add("ix", ["b"], NOW_MS + 30_000, NOW_MS)
+    ttls = [await store.client.pttl(key) for key in ("test:ix", "test:ix:exp")]
+    await store.close()
+    assert all(5_000 < ttl <= 30_000 for ttl in ttls)
+
+
+# ---------------------------------------------------------------------------------------------
 # Health
 # ---------------------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from gateway.errors import DependencyUnavailable
 from gateway.freshness import current_age, directives, freshness, storable
 from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply
-from gateway.routing import request_host
+from gateway.routing import BadPath, normalise_path, request_host
 from gateway.settings import Duration, Settings, Size
 
 log = logging.getLogger("gateway")
@@ -60,6 +60,9 @@ NOT_STORED_HEADERS = frozenset({"set-cookie", "age", "cache-status", "x-request-
 CACHE_NAME = "gateway"  # the cache's name in Cache-Status (RFC 9211 §2)
 CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
 ERROR_STATUSES = frozenset({500, 502, 503, 504})  # RFC 5861 §4: errors stale-if-error covers
+SEP = "\x00"  # between the parts of an index member (never in a normalised path, a query or a tag)
+PURGE_BATCH = 500
+LOCK_POLL = (0.01, 0.1)  # first and longest wait between looks for another gateway's entry
 
 
 def _vary(headers: Any) -> list[str]:
@@ -80,6 +83,7 @@ class CacheSettings(Settings):
     max_entry_size: Size = Field(1024 * 1024, gt=0, description="larger bodies are not stored")
     local_size: Size = Field(64 * 1024 * 1024, ge=0, description="bytes of entries kept in the process in front of a shared store")
     lock_timeout: Duration = Field(5.0, gt=0, description="how long concurrent misses wait for the one upstream request")
+    tags: tuple[str, ...] = Field((), description="purge tags of every entry of the route (besides the upstream's Surrogate-Key)")
 
 
 @dataclass
@@ -125,9 +129,11 @@ class Lookup:
     """What on_request found, for the upstream hooks."""
 
     key: str  # the variant-independent key
+    url: str  # path and keyed query, as purge by URL and prefix finds them
     variant: str | None  # the key of the entry found (None: not known yet)
     entry: Entry | None = None  # a stale entry being revalidated or kept for stale_if_error
     flight: asyncio.Future[None] | None = None  # set when this request leads the single flight
+    locked: bool = False  # holds the shared store's lock for the key (other gateways wait)
     revalidating: bool = False  # the entry's own validators were sent upstream
     status: list[str] = field(default_factory=list)  # Cache-Status parameters
 
@@ -178,6 +184,7 @@ class CachePolicy(Policy):
         self.key_query = frozenset(settings.key_query) if settings.key_query is not None else None
         self.wall = time.time
         self.metrics = context.metrics
+        self.index = f"c:{{{self.route}}}:index"  # purge's index of the route's entries
         # The Host is part of the key only where the answer can depend on it: routes that match
         # on the host, or whose upstream receives the client's Host (preserve_host).
         route = next((r for r in context.config.routes if r.name == context.route), None)
@@ -185,13 +192,18 @@ class CachePolicy(Policy):
 
     # -- keys ----------------------------------------------------------------------------------
 
+    def _query(self, query: str) -> str:
+        """The query as the key has it: sorted, narrowed by ignore_query / key_query."""
+        if self.settings.ignore_query or not query:
+            return ""
+        return "&".join(sorted(part for part in query.split("&") if part and (self.key_query is None or part.partition("=")[0] in self.key_query)))
+
+    def _url(self, exchange: Exchange) -> str:
+        return f"{exchange.path}{SEP}{self._query(exchange.query)}"
+
     def _key(self, exchange: Exchange) -> str:
         request = exchange.request
-        query = ""
-        if not self.settings.ignore_query and exchange.query:
-            pairs = sorted(part for part in exchange.query.split("&") if part and (self.key_query is None or part.partition("=")[0] in self.key_query))
-            query = "&".join(pairs)
-        parts = [request_host(request.headers.get("Host", "")) if self.key_host else "", exchange.path, query]
+        parts = [request_host(request.headers.get("Host", "")) if self.key_host else "", exchange.path, self._query(exchange.query)]
         parts += [request.headers.get(name, "") for name in self.key_headers]
         if "user" in self.settings.key:
             parts.append(exchange.subject or "")
@@ -276,7 +288,7 @@ class CachePolicy(Policy):
             return None
         request_cc = directives(exchange.request.headers.get("Cache-Control"))
         key = self._key(exchange)
-        lookup = Lookup(key, None)
+        lookup = Lookup(key, self._url(exchange), None)
         exchange.state["cache"] = lookup
         if "no-store" in request_cc:
             lookup.status.append("fwd=bypass")
@@ -307,6 +319,10 @@ class CachePolicy(Policy):
                 await asyncio.wait_for(asyncio.shield(flight), self.settings.lock_timeout)
             except asyncio.TimeoutError:
                 break
+        if lookup.flight is not None and self.store.shared and "no-cache" not in request_cc:
+            answer = await self._wait_for_other_gateways(exchange, lookup, authorized)
+            if answer is not None:
+                return answer
         lookup.status.append("fwd=stale" if lookup.entry is not None else "fwd=miss")
         if lookup.entry is not None:  # revalidate what is stored
             etag, modified = lookup.entry.header("ETag"), lookup.entry.header("Last-Modified")
@@ -321,6 +337,40 @@ class CachePolicy(Policy):
                     exchange.upstream_headers["If-Modified-Since"] = modified
                 lookup.revalidating = True
         return None
+
+    async def _wait_for_other_gateways(self, exchange: Exchange, lookup: Lookup, authorized: bool) -> Reply | None:
+        """The single flight across gateways sharing the store: the one that takes the key's
+        lock fetches; the others look for its entry until it appears (a hit), the lock is gone
+        (its response was not stored: each goes upstream), or lock_timeout passes."""
+        lock = lookup.key + ":lock"
+        try:
+            if await self.store.add(lock, b"1", self.settings.lock_timeout):
+                lookup.locked = True
+                return None
+            deadline = time.monotonic() + self.settings.lock_timeout
+            pause = LOCK_POLL[0]
+            while time.monotonic() < deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, LOCK_POLL[1])
+                lookup.variant, entry = await self._find(lookup.key, exchange.request.headers)
+                if entry is not None and not (authorized and not entry.public):
+                    age = entry.age(self.wall())
+                    if age < entry.lifetime:
+                        self._land(lookup)  # this process's waiters find it too
+                        return self._hit(exchange, lookup, entry, age, entry.lifetime - age)
+                if await self.store.get(lock) is None:
+                    return None
+        except DependencyUnavailable:
+            pass  # no lock without the store: this gateway fetches
+        return None
+
+    async def _unlock(self, lookup: Lookup) -> None:
+        if lookup.locked:
+            lookup.locked = False
+            try:
+                await self.store.delete(lookup.key + ":lock")
+            except DependencyUnavailable:
+                pass  # it expires after lock_timeout
 
     def _hit(self, exchange: Exchange, lookup: Lookup, entry: Entry, age: float, ttl: float) -> Reply:
         self._count("hit" if "fwd=stale" not in lookup.status else "stale")
@@ -341,7 +391,7 @@ class CachePolicy(Policy):
             return
         future = self.flights[key] = asyncio.get_running_loop().create_future()
         upstream, headers = route.upstream, exchange.upstream_headers.copy()
-        path, query = exchange.path, exchange.query
+        path, query, url = exchange.path, exchange.query, self._url(exchange)
         request_headers = CIMultiDict(exchange.request.headers)
         # The refresh asks about the stored response, never with the client's own conditionals
         # (whose 304 has no body to store).
@@ -364,10 +414,10 @@ class CachePolicy(Policy):
                 started = self.wall()
                 async with upstream.forward(background, None) as response:
                     if response.status == 304 and (etag or modified):
-                        await self._store(key, request_headers, Reply(entry.status, self._updated(entry, response.headers), entry.body), started, "GET")
+                        await self._store(key, url, request_headers, Reply(entry.status, self._updated(entry, response.headers), entry.body), started, "GET")
                     elif self._storable(request_headers, response.status, response.headers, response.content_length):
                         reply = Reply(response.status, CIMultiDict(response.headers), await response.read())
-                        await self._store(key, request_headers, reply, started, "GET")
+                        await self._store(key, url, request_headers, reply, started, "GET")
             except Exception as exc:  # a failed refresh leaves the stale entry; the next request retries
                 log.info("cache refresh failed", extra={"route": self.route, "path": path, "query": query, "error": type(exc).__name__})
             finally:
@@ -407,10 +457,11 @@ class CachePolicy(Policy):
             assert reply.upstream is not None
             reply.body = await reply.upstream.read()
             reply.upstream = None
-            if await self._store(lookup.key, exchange.request.headers, reply, self.wall(), exchange.method):
+            if await self._store(lookup.key, lookup.url, exchange.request.headers, reply, self.wall(), exchange.method):
                 lookup.status.append("stored")
         finally:
             self._land(lookup)
+            await self._unlock(lookup)
 
     def _storable(self, request_headers: Any, status: int, headers: Any, content_length: int | None) -> bool:
         """Whether a GET's response may be stored (RFC 9111 §3), with the route's settings."""
@@ -445,6 +496,7 @@ class CachePolicy(Policy):
         if lookup is None:
             return None
         self._land(lookup)
+        await self._unlock(lookup)
         entry = lookup.entry
         if entry is None:
             return None
@@ -457,7 +509,7 @@ class CachePolicy(Policy):
             return Reply(entry.status, headers, entry.body)
         return None
 
-    async def _store(self, key: str, request_headers: Any, reply: Reply, request_time: float, method: str) -> bool:
+    async def _store(self, key: str, url: str, request_headers: Any, reply: Reply, request_time: float, method: str) -> bool:
         if method == "HEAD":
             return False  # a HEAD's answer has no body to store
         response_cc = directives(reply.headers.get("Cache-Control"))
@@ -481,8 +533,41 @@ class CachePolicy(Policy):
             await self._set(key + ":vary", json.dumps({"vary": vary, "gen": generation}).encode(), ttl)
         else:
             await self._delete(key + ":vary")
-        await self._set(self._variant(key, vary, request_headers, generation), entry.encode(), ttl)
+        variant = self._variant(key, vary, request_headers, generation)
+        await self._set(variant, entry.encode(), ttl)
+        await self._index_entry(url, variant, reply.headers, ttl)
         return True
+
+    async def _index_entry(self, url: str, variant: str, headers: Any, ttl: float) -> None:
+        """Purge finds entries through the route's index: one member by URL, one per tag."""
+        tags = sorted({*self.settings.tags, *" ".join(headers.getall("Surrogate-Key", [])).split()})
+        members = [f"p{SEP}{url}{SEP}{variant}", *(f"t{SEP}{tag}{SEP}{variant}" for tag in tags)]
+        now_ms = int(self.wall() * 1000)
+        try:
+            await self.store.index_add(self.index, members, now_ms + int(ttl * 1000), now_ms)
+        except DependencyUnavailable:
+            pass  # the entry lives on in the store; purges miss it until it expires
+
+    async def purge(self, purge: "Purge") -> int:
+        """Remove the route's entries a purge names; returns how many existed.
+        DependencyUnavailable when the store cannot answer."""
+        if purge.kind == "tag":
+            prefix = f"t{SEP}{purge.value}{SEP}"
+        elif purge.kind == "prefix":
+            prefix = f"p{SEP}{purge.value}"
+        else:  # every entry of the path (all queries, all variants), or of one query
+            prefix = f"p{SEP}{purge.value}{SEP}" + ("" if purge.query is None else f"{self._query(purge.query)}{SEP}")
+        purged = 0
+        while True:
+            members = await self.store.index_take(self.index, prefix, PURGE_BATCH)
+            keys = [member.rpartition(SEP)[2] for member in members]
+            if self.local is not None:
+                for key in keys:
+                    self.local.drop(key)
+            if keys:
+                purged += await self.store.delete(*keys)
+            if len(members) < PURGE_BATCH:
+                return purged
 
     @staticmethod
     def _updated(entry: Entry, headers: Any) -> CIMultiDict[str]:
@@ -507,7 +592,7 @@ class CachePolicy(Policy):
         if reply.upstream is not None:
             reply.upstream.release()
         reply.upstream = None
-        await self._store(lookup.key, exchange.request.headers, Reply(entry.status, reply.headers, entry.body), self.wall(), "GET")
+        await self._store(lookup.key, lookup.url, exchange.request.headers, Reply(entry.status, reply.headers, entry.body), self.wall(), "GET")
         lookup.status = ["hit", "fwd=stale", "fwd-status=304", "stored"]
         if _not_modified(exchange.request.headers, Entry(entry.status, list(reply.headers.items()), b"", 0, 0, 0, False)):
             reply.status, reply.body = 304, b""
@@ -543,6 +628,38 @@ class CachePolicy(Policy):
     async def close(self) -> None:
         for task in list(self.refreshing):
             task.cancel()
+
+
+@dataclass(frozen=True)
+class Purge:
+    """What ``POST /cache/purge`` on the admin listener names (CONFIG.md)."""
+
+    kind: Literal["url", "prefix", "tag"]
+    value: str  # a normalised path (url, prefix) or a tag
+    query: str | None = None  # url: only the entries of this query (else every query)
+
+    @classmethod
+    def parse(cls, document: Any, keep_escaped_slashes: bool = False) -> "Purge":
+        """{"url": "/p?q"} | {"prefix": "/p"} | {"tag": "t"}; ValueError says what is wrong."""
+        if not isinstance(document, dict) or len(document) != 1 or next(iter(document)) not in ("url", "prefix", "tag"):
+            raise ValueError('expected a JSON object with one of "url", "prefix" or "tag"')
+        ((kind, value),) = document.items()
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{kind}: expected a non-empty string")
+        if kind == "tag":
+            if any(char.isspace() or char == SEP for char in value):
+                raise ValueError("tag: a tag has no spaces")
+            return cls("tag", value)
+        if "://" in value:  # an absolute URL: its path and query, for entries of every host
+            value = "/" + value.split("://", 1)[1].partition("/")[2]
+        raw_path, question, query = value.partition("?")
+        if kind == "prefix" and question:
+            raise ValueError("prefix: a path prefix has no query")
+        try:
+            path = normalise_path(raw_path, keep_escaped_slashes)
+        except BadPath as exc:
+            raise ValueError(f"{kind}: {exc}") from None
+        return cls(kind, path, query if question else None)  # type: ignore[arg-type]
 
 
 def _not_modified(request_headers: Any, entry: Entry) -> bool:

@@ -59,6 +59,10 @@ class Store(ABC):
         """Remove keys; return how many existed."""
 
     @abstractmethod
+    async def add(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store a value only when the key is missing (a lock); True when this call stored it."""
+
+    @abstractmethod
     async def incr(self, key: str, amount: int, ttl: float) -> int:
         """Add to a counter and return the new value; a new counter expires after ttl seconds."""
 
@@ -70,6 +74,16 @@ class Store(ABC):
         (a denied request does not use up the other limits). ``now_ms`` is the caller's wall
         clock, so every gateway instance and every store count in the same time.
         """
+
+    @abstractmethod
+    async def index_add(self, index: str, members: Sequence[str], expires_ms: int, now_ms: int) -> None:
+        """Add members to an index kept in byte order; each member lasts until ``expires_ms``
+        (wall clock, the later time wins). Each call also drops a few members that expired, so
+        an index stays about as large as what is still alive."""
+
+    @abstractmethod
+    async def index_take(self, index: str, prefix: str, count: int) -> list[str]:
+        """Remove and return up to ``count`` members that start with ``prefix``."""
 
     @abstractmethod
     async def ping(self) -> float:

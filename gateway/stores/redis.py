@@ -37,6 +37,8 @@ local value = redis.call("INCRBY", KEYS[1], ARGV[1])
 if redis.call("PTTL", KEYS[1]) == -1 then redis.call("PEXPIRE", KEYS[1], ARGV[2]) end
 return value
 """
+INDEX_EXPIRY = ":exp"  # an index's companion sorted set: its members by expiry time
+PRUNE_PER_ADD = 64
 CONNECT_TIMEOUT = 1.0  # a new connection may take longer than one command
 
 T = TypeVar("T")
@@ -69,6 +71,10 @@ def make_client(settings: Any) -> tuple[Any, list[Any]]:
     return aioredis.Redis(connection_pool=pool), []
 
 
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # paths may carry bytes that are not UTF-8
+
+
 class RedisStore(Store):
     name = "redis"
     shared = True
@@ -86,6 +92,8 @@ class RedisStore(Store):
         self.on_call: Callable[[str, float], None] | None = None  # (command, seconds), e.g. a metric
         self._decide = self.client.register_script(DECIDE_SCRIPT)
         self._incr = self.client.register_script(INCR_SCRIPT)
+        self._index_add = self.client.register_script((LUA / "index_add.lua").read_text())
+        self._index_take = self.client.register_script((LUA / "index_take.lua").read_text())
 
     async def _call(self, command: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
@@ -142,6 +150,9 @@ class RedisStore(Store):
             return sum(counts)
         return await self._call("del", lambda: self.client.delete(*(self._key(k) for k in keys)))
 
+    async def add(self, key: str, value: bytes, ttl: float) -> bool:
+        return bool(await self._call("set", lambda: self.client.set(self._key(key), value, px=max(int(ttl * 1000), 1), nx=True)))
+
     async def incr(self, key: str, amount: int, ttl: float) -> int:
         return int(await self._call("incr", lambda: self._incr(keys=[self._key(key)], args=[amount, max(int(ttl * 1000), 1)])))
 
@@ -153,6 +164,15 @@ class RedisStore(Store):
             args.extend((hit.algorithm, len(hit.keys), hit.limit, hit.window_ms, hit.burst, hit.cost))
         raw = await self._call("rate_limit", lambda: self._decide(keys=keys, args=args))
         return [Outcome(bool(raw[i]), int(raw[i + 1]), int(raw[i + 2]), int(raw[i + 3])) for i in range(0, len(raw), 4)]
+
+    async def index_add(self, index: str, members: Sequence[str], expires_ms: int, now_ms: int) -> None:
+        keys = [self._key(index), self._key(index + INDEX_EXPIRY)]
+        await self._call("index_add", lambda: self._index_add(keys=keys, args=[expires_ms, now_ms, PRUNE_PER_ADD, *map(_encode, members)]))
+
+    async def index_take(self, index: str, prefix: str, count: int) -> list[str]:
+        keys = [self._key(index), self._key(index + INDEX_EXPIRY)]
+        found = await self._call("index_take", lambda: self._index_take(keys=keys, args=[_encode(prefix), count]))
+        return [member.decode("utf-8", "surrogateescape") for member in found]
 
     async def ping(self) -> float:
         started = time.perf_counter()
