@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import typing
 import warnings
 from functools import cache
@@ -29,7 +30,8 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError, core_schema
 
 from gateway.errors import ConfigError, ConfigIssue
-from gateway.settings import ENV_REFERENCE_SCHEMA, Duration, Network, Settings, Size, did_you_mean
+from gateway.settings import ENV_REFERENCE_SCHEMA, ConfigFile, Duration, Network, Settings, Size, did_you_mean
+from gateway.tls import INTERMEDIATE_CIPHERS, server_context
 
 DEFAULT_PATH = "gateway.yaml"
 SCHEMA_PATH = Path(__file__).with_name("gateway.schema.json")
@@ -55,6 +57,28 @@ class ListenLimits(Settings):
     drain_timeout: Duration = Field(30.0, ge=0, description="on SIGTERM, in-flight requests get this long to finish")
 
 
+class RedirectHttp(Settings):
+    host: str | None = Field(None, description="address of the plain-HTTP listener; default: listen.host")
+    port: int = Field(80, ge=0, le=65535)
+    https_port: int | None = Field(None, ge=1, le=65535, description="the port in the Location; default: listen.port")
+
+
+class Tls(Settings):
+    cert: ConfigFile = Field(description="PEM certificate chain, leaf first (relative to the config file)")
+    key: ConfigFile = Field(description="PEM private key of the certificate")
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    ciphers: str = Field(INTERMEDIATE_CIPHERS, description="OpenSSL cipher list for TLS 1.2 (TLS 1.3's suites are OpenSSL's)")
+    redirect_http: RedirectHttp | None = Field(None, description="a plain-HTTP listener that redirects every request to HTTPS")
+
+    @model_validator(mode="after")
+    def _usable(self) -> "Tls":
+        try:
+            server_context(self.cert, self.key, self.min_version, self.ciphers)
+        except (OSError, ssl.SSLError) as exc:
+            raise PydanticCustomError("tls", "cannot serve {cert} with {key}: {why}", {"cert": str(self.cert), "key": str(self.key), "why": exc.strerror or str(exc)})
+        return self
+
+
 class Listen(Settings):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
@@ -63,6 +87,7 @@ class Listen(Settings):
     escaped_slashes: Literal["reject", "keep"] = Field(
         "reject", description="%2F or %5C in a path: refuse with 400 (default), or keep as part of a segment"
     )
+    tls: Tls | None = Field(None, description="TLS termination on this listener")
 
 
 class Admin(Settings):
@@ -121,6 +146,12 @@ def _target_url(value: Any) -> str:
 TargetURL = Annotated[str, WrapValidator(lambda v, _h: _target_url(v)), Field(json_schema_extra={"format": "uri"})]
 
 
+class UpstreamTls(Settings):
+    verify: bool = Field(True, description="check https targets' certificates and names")
+    ca_file: ConfigFile | None = Field(None, description="PEM file of the CAs to trust instead of the system's")
+    server_name: str | None = Field(None, description="the name sent (SNI) and checked in the certificate instead of the target's host")
+
+
 class Upstream(Settings):
     targets: tuple[TargetURL, ...] = Field(min_length=1)
     balance: Literal["round_robin", "least_conn", "random"] = "round_robin"
@@ -129,6 +160,7 @@ class Upstream(Settings):
     max_connections: int = Field(100, gt=0)
     keepalive_timeout: Duration = Field(15.0, ge=0, description="idle connections to the upstream are kept this long")
     preserve_host: bool = Field(False, description="send the client's Host instead of the target's")
+    tls: UpstreamTls = UpstreamTls()
     health: Health = Health()
 
 

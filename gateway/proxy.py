@@ -21,6 +21,7 @@ from yarl import URL
 
 from gateway.errors import NoHealthyTarget, UpstreamConnectError, UpstreamTimeout
 from gateway.forwarded import HOP_BY_HOP, connection_listed, strip_hop_by_hop
+from gateway.tls import client_context
 
 if TYPE_CHECKING:
     from gateway.config import Upstream as UpstreamSettings
@@ -114,6 +115,7 @@ class Upstream:
         self._next = 0
         self.session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.ssl = client_context(settings.tls.verify, settings.tls.ca_file)  # for https targets
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class Upstream:
             keepalive_timeout=settings.keepalive_timeout or None,
             force_close=settings.keepalive_timeout == 0,
             ttl_dns_cache=10,
+            ssl=self.ssl,
         )
         self.session = _proxy_session(
             connector,
@@ -242,7 +245,7 @@ class Upstream:
             target.in_flight += 1
             try:
                 response = await self.session.request(
-                    method, self.url(target, exchange), headers=headers, data=body, allow_redirects=False
+                    method, self.url(target, exchange), headers=headers, data=body, allow_redirects=False, server_hostname=self.settings.tls.server_name
                 )
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 target.in_flight -= 1
@@ -294,7 +297,7 @@ class Upstream:
         active = self.settings.health.active
         assert active is not None
         timeout = aiohttp.ClientTimeout(total=active.timeout)
-        async with _proxy_session(aiohttp.TCPConnector(limit=len(self.targets), force_close=True), timeout) as session:
+        async with _proxy_session(aiohttp.TCPConnector(limit=len(self.targets), force_close=True, ssl=self.ssl), timeout) as session:
             while True:
                 await asyncio.gather(*(self._check(session, target) for target in self.targets))
                 await asyncio.sleep(active.interval)
@@ -303,7 +306,7 @@ class Upstream:
         active = self.settings.health.active
         assert active is not None
         try:
-            async with session.get(target.origin + active.path, allow_redirects=False) as response:
+            async with session.get(target.origin + active.path, allow_redirects=False, server_hostname=self.settings.tls.server_name) as response:
                 await response.read()
                 passed = 200 <= response.status < 400
         except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -387,6 +390,7 @@ async def tunnel_websocket(request: web.BaseRequest, exchange: "Exchange", upstr
             autoping=False,
             max_msg_size=0,
             timeout=aiohttp.ClientWSTimeout(ws_close=upstream.settings.timeouts.read),
+            server_hostname=upstream.settings.tls.server_name,
         )
     except aiohttp.WSServerHandshakeError as exc:
         upstream._succeeded(target)

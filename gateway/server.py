@@ -35,6 +35,7 @@ from gateway.config import GatewayConfig, ListenLimits, load_config
 from gateway.errors import ConfigError, problem_body
 from gateway.metrics import MULTIPROC_ENV
 from gateway.policies.warm import warm_forever
+from gateway.tls import Certificates, redirect_app
 
 log = logging.getLogger("gateway")
 
@@ -193,9 +194,19 @@ def server_options(limits: ListenLimits) -> dict[str, Any]:
 class Listeners:
     public: web.BaseRunner
     admin: web.BaseRunner | None
-    addresses: dict[str, tuple[str, int]]
+    addresses: dict[str, tuple[str, int]]  # public, admin, redirect
+    certificates: Certificates | None = None  # the public listener's, with listen.tls
+    redirect: web.BaseRunner | None = None  # listen.tls.redirect_http
+
+    @property
+    def public_url(self) -> str:
+        host, port = self.addresses["public"]
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"{'https' if self.certificates is not None else 'http'}://{local}:{port}"
 
     async def close(self) -> None:
+        if self.redirect is not None:
+            await self.redirect.cleanup()
         await self.public.cleanup()  # stops accepting, then waits for in-flight requests
         if self.admin is not None:
             await self.admin.cleanup()
@@ -207,9 +218,20 @@ async def open_listeners(gateway: Gateway, reuse_port: bool = False) -> Listener
     server = GatewayServer(gateway, **server_options(limits))
     public = web.ServerRunner(server, handle_signals=False, shutdown_timeout=limits.drain_timeout)
     await public.setup()
-    site = web.TCPSite(public, config.listen.host, config.listen.port, reuse_port=reuse_port or None, backlog=1024)
+    tls = config.listen.tls
+    certificates = Certificates(tls) if tls is not None else None
+    context = certificates.context if certificates is not None else None
+    site = web.TCPSite(public, config.listen.host, config.listen.port, reuse_port=reuse_port or None, backlog=1024, ssl_context=context)
     await site.start()
     addresses = {"public": _bound(site)}
+    redirect = None
+    if tls is not None and tls.redirect_http is not None:
+        plain = tls.redirect_http
+        redirect = web.ServerRunner(redirect_app(plain.https_port or addresses["public"][1]), handle_signals=False, shutdown_timeout=1.0)
+        await redirect.setup()
+        redirect_site = web.TCPSite(redirect, plain.host or config.listen.host, plain.port, reuse_port=reuse_port or None)
+        await redirect_site.start()
+        addresses["redirect"] = _bound(redirect_site)
     admin = None
     if config.admin is not None:
         admin = web.AppRunner(gateway.admin_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0)
@@ -217,7 +239,7 @@ async def open_listeners(gateway: Gateway, reuse_port: bool = False) -> Listener
         admin_site = web.TCPSite(admin, config.admin.host, config.admin.port, reuse_port=reuse_port or None)
         await admin_site.start()
         addresses["admin"] = _bound(admin_site)
-    return Listeners(public, admin, addresses)
+    return Listeners(public, admin, addresses, certificates, redirect)
 
 
 def _bound(site: web.TCPSite) -> tuple[str, int]:
@@ -237,6 +259,8 @@ async def serve(path: str, config: GatewayConfig, reuse_port: bool = False) -> N
         reloads: set[asyncio.Task[bool]] = set()
 
         def reload() -> None:
+            if listeners.certificates is not None:
+                listeners.certificates.reload()  # renewed files, same paths (listen is restart-only)
             task = loop.create_task(gateway.reload())
             reloads.add(task)
             task.add_done_callback(reloads.discard)
@@ -248,9 +272,7 @@ async def serve(path: str, config: GatewayConfig, reuse_port: bool = False) -> N
             "gateway listening",
             extra={name: f"{host}:{port}" for name, (host, port) in listeners.addresses.items()} | {"pid": os.getpid()},
         )
-        host, port = listeners.addresses["public"]
-        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        warming = loop.create_task(warm_forever(f"http://{local}:{port}", lambda: gateway.config))
+        warming = loop.create_task(warm_forever(listeners.public_url, lambda: gateway.config))
         await stop.wait()
         warming.cancel()
         log.info("draining", extra={"drain_timeout_s": config.listen.limits.drain_timeout, "pid": os.getpid()})
@@ -392,17 +414,17 @@ async def warm_command(path: str, config: GatewayConfig, out: Any) -> int:
     if not targets:
         out.write("no route has a warm list: nothing to do\n")
         return 0
-    local = config.model_copy(update={"listen": config.listen.model_copy(update={"host": "127.0.0.1", "port": 0}), "admin": None})
+    tls = config.listen.tls.model_copy(update={"redirect_http": None}) if config.listen.tls is not None else None
+    local = config.model_copy(update={"listen": config.listen.model_copy(update={"host": "127.0.0.1", "port": 0, "tls": tls}), "admin": None})
     async with Gateway(local, path, access_log=AccessLog(False)) as gateway:
         listeners = await open_listeners(gateway)
-        host, port = listeners.addresses["public"]
 
         def progress(done: int, total: int, route: str, target: str, outcome: str) -> None:
             out.write(f"[{done}/{total}] {route} GET {target} -> {outcome}\n")
             out.flush()
 
         try:
-            ok, failed = await warm_once(f"http://{host}:{port}", targets, config.warm, progress)
+            ok, failed = await warm_once(listeners.public_url, targets, config.warm, progress)
         finally:
             await listeners.close()
     out.write(f"warmed {ok} of {len(targets)}" + (f", {failed} failed" if failed else "") + "\n")

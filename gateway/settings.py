@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -44,6 +45,17 @@ def header_name(value: Any) -> str:
     if not isinstance(value, str) or not TOKEN.match(value):
         raise PydanticCustomError("header", "expected a header name such as 'X-Frame-Options', got {got}", {"got": repr(value)})
     return value
+
+
+def _config_file(value: Path, info: ValidationInfo) -> Path:
+    """A file named relative to the config file's folder (CONFIG.md), which must exist."""
+    path = Path((info.context or {}).get("base_dir") or Path.cwd()) / value
+    if not path.is_file():
+        raise PydanticCustomError("file", "cannot read {path}: no such file", {"path": str(path)})
+    return path
+
+
+ConfigFile = Annotated[Path, AfterValidator(_config_file)]
 
 
 class Settings(BaseModel):

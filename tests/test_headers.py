@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
@@ -38,8 +38,17 @@ LEAKS = {"X-Powered-By": "Express", "Server": "Apache/2.4.1 (Unix)", "X-AspNet-V
 POLICIES = (SecurityHeadersPolicy,)
 
 
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """As a TLS-terminating proxy in front of the gateway sends requests: HSTS is sent only to
+    requests that came over TLS (tests/test_tls.py has the plain-HTTP cases)."""
+    async with aiohttp.ClientSession(headers={"X-Forwarded-Proto": "https"}) as session:
+        yield session
+
+
 def config_with(upstream_url: str, route_block: Any = None, defaults: Any = None, top: Any = None) -> dict[str, Any]:
     config = base_config(upstream_url)
+    config["listen"]["trusted_proxies"] = ["127.0.0.1/32"]
     if route_block is not None:
         config["routes"][0]["security_headers"] = route_block
     if defaults is not None:
@@ -387,7 +396,7 @@ async def test_reload_picks_up_new_header_values(upstream, start_gateway, client
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
-async def test_headers_are_the_same_for_get_and_head(method: str, upstream, start_gateway) -> None:
+async def test_headers_are_the_same_for_get_and_head(method: str, upstream, start_gateway, client) -> None:
     gateway = await start_gateway(config_with(upstream.url, {"preset": "helmet"}), policies=POLICIES)
-    async with aiohttp.ClientSession() as session, session.request(method, gateway.url + "/") as response:
+    async with client.request(method, gateway.url + "/") as response:
         assert {name: response.headers[name] for name in HELMET_8_3_0} == HELMET_8_3_0

@@ -32,6 +32,7 @@ from pydantic import Field, WrapValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError, core_schema
 
 from gateway.errors import ConfigIssue
+from gateway.forwarded import in_networks
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply
 from gateway.settings import FIELD_VALUE, TOKEN, Duration, Settings, did_you_mean, header_name
 
@@ -78,6 +79,7 @@ ALLOWED_VALUES: dict[str, tuple[str, ...]] = {
 }
 # hstspreload.org: preload needs a year or more and includeSubDomains.
 HSTS_PRELOAD_MIN_AGE = 31536000
+HSTS = "Strict-Transport-Security"
 DEFAULT_PRESET = "helmet"
 # Headers that tell an attacker what runs behind the gateway.
 LEAK_HEADERS = ("X-Powered-By", "Server", "X-AspNet-Version", "X-AspNetMvc-Version")
@@ -168,6 +170,10 @@ class Hsts(Settings):
     max_age: Duration = Field(31536000.0, description="sent in whole seconds")
     include_subdomains: bool = True
     preload: bool = False
+    over_http: bool = Field(
+        False,
+        description="send it on plain-HTTP requests too (browsers ignore it there, RFC 6797 §8.1); by default only over TLS or when a trusted proxy says X-Forwarded-Proto: https",
+    )
 
     @model_validator(mode="after")
     def _preloadable(self) -> "Hsts":
@@ -515,6 +521,15 @@ class SecurityHeadersPolicy(Policy):
         self.remove = tuple(name for name in resolved.remove if name.lower() not in keep)
         self.fill = tuple((name, value) for name, value in values.items() if name.lower() in keep)
         self.set = {name: value for name, value in values.items() if name.lower() not in keep}
+        # HSTS only where the client reached the site over TLS, unless told otherwise.
+        self.hsts: tuple[str, bool] | None = None  # (value, only when the upstream sent none)
+        if resolved.hsts is None or not resolved.hsts.over_http:
+            for name in [name for name in self.set if name.lower() == HSTS.lower()]:
+                self.hsts = (self.set.pop(name), False)
+            for name, value in [(n, v) for n, v in self.fill if n.lower() == HSTS.lower()]:
+                self.hsts = (value, True)
+                self.fill = tuple(pair for pair in self.fill if pair[0] != name)
+        self.trusted = context.config.listen.trusted_proxies
 
     def on_response(self, exchange: Exchange, reply: Reply) -> None:
         headers = reply.headers
@@ -525,6 +540,17 @@ class SecurityHeadersPolicy(Policy):
             if name not in headers:
                 headers[name] = value
         headers.update(self.set)
+        if self.hsts is not None and self._over_tls(exchange):
+            value, fill = self.hsts
+            if not (fill and HSTS in headers):
+                headers[HSTS] = value
+
+    def _over_tls(self, exchange: Exchange) -> bool:
+        request = exchange.request
+        if request.transport is not None and request.transport.get_extra_info("sslcontext") is not None:
+            return True
+        proto = request.headers.get("X-Forwarded-Proto")
+        return proto is not None and proto.rpartition(",")[2].strip().lower() == "https" and in_networks(request.remote, self.trusted)
 
     @classmethod
     def config_issues(cls, config: Any) -> list[ConfigIssue]:

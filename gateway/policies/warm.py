@@ -68,7 +68,9 @@ async def warm_once(
     done = {"ok": 0, "failed": 0, "count": 0}
     timeout = aiohttp.ClientTimeout(total=settings.timeout)
 
-    async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "gateway-warm"}) as session:
+    # The gateway's own listener on loopback: its certificate (listen.tls) is not checked.
+    connector = aiohttp.TCPConnector(ssl=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers={"User-Agent": "gateway-warm"}) as session:
 
         async def fetch(route: str, path: str, host: str | None) -> None:
             async with limit:
