@@ -108,6 +108,14 @@ async def test_a_value_that_was_set_reads_back_as_the_same_bytes(subject: StoreU
     assert await subject.store.get("other") is None
 
 
+async def test_get_many_reads_several_keys_in_order_with_none_for_missing_ones(subject: StoreUnderTest) -> None:
+    await subject.store.set("{t}:a", b"one", ttl=10)
+    await subject.store.set("{t}:c", b"three", ttl=1)
+    await subject.advance(2)
+    await subject.store.set("{t}:d", b"four", ttl=10)
+    assert await subject.store.get_many("{t}:a", "{t}:b", "{t}:c", "{t}:d") == [b"one", None, None, b"four"]
+
+
 async def test_setting_a_key_again_replaces_its_value_and_its_ttl(subject: StoreUnderTest) -> None:
     await subject.store.set("page", b"first", ttl=10)
     await subject.advance(8)

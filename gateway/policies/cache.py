@@ -234,19 +234,21 @@ class CachePolicy(Policy):
 
     # -- storage -------------------------------------------------------------------------------
 
-    async def _get(self, key: str) -> bytes | None:
-        # The shared store first: an entry another process invalidated (or replaced) must not be
-        # answered from this process's copy. The local layer answers when the store fails.
+    async def _get(self, *keys: str) -> list[bytes | None]:
+        """Values in one store round trip (a route's keys share its hash tag). The shared store
+        first: an entry another process invalidated (or replaced) must not be answered from this
+        process's copy. The local layer answers when the store fails."""
         try:
-            raw = await self.store.get(key)
+            found = await self.store.get_many(*keys)
         except DependencyUnavailable:
-            return self.local.get(key) if self.local is not None else None
+            return [self.local.get(key) if self.local is not None else None for key in keys]
         if self.local is not None:
-            if raw is not None:
-                self.local.put(key, raw)
-            else:
-                self.local.drop(key)
-        return raw
+            for key, raw in zip(keys, found):
+                if raw is not None:
+                    self.local.put(key, raw)
+                else:
+                    self.local.drop(key)
+        return found
 
     async def _set(self, key: str, raw: bytes, ttl: float) -> None:
         if self.local is not None:
@@ -266,10 +268,13 @@ class CachePolicy(Policy):
             pass
 
     async def _find(self, key: str, headers: Any) -> tuple[str | None, Entry | None]:
-        index = await self._get(key + ":vary")
+        # The Vary index and the entry stored without Vary in one round trip; a variant takes a
+        # second one.
+        index, raw = await self._get(key + ":vary", key)
         vary, generation = self._index(index)
         variant = self._variant(key, vary, headers, generation)
-        raw = await self._get(variant)
+        if variant != key:
+            [raw] = await self._get(variant)
         if raw is None:
             return variant if index else None, None
         try:
@@ -527,7 +532,8 @@ class CachePolicy(Policy):
         ttl = keep_for + 60.0  # kept a little past usefulness, for revalidation
         generation = ""
         if vary:
-            known, generation = self._index(await self._get(key + ":vary"))
+            [known_index] = await self._get(key + ":vary")
+            known, generation = self._index(known_index)
             if known != vary or not generation:
                 generation = os.urandom(8).hex()
             await self._set(key + ":vary", json.dumps({"vary": vary, "gen": generation}).encode(), ttl)

@@ -51,6 +51,10 @@ class Store(ABC):
         """The value, or None when missing or expired."""
 
     @abstractmethod
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        """The values of several keys in one round trip (keys of one hash tag, for a cluster)."""
+
+    @abstractmethod
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         """Store a value that expires after ttl seconds."""
 

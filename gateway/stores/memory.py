@@ -78,6 +78,9 @@ class MemoryStore(Store):
         value = self._live(key)
         return value if isinstance(value, bytes) else None
 
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        return [await self.get(key) for key in keys]
+
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._put(key, self.clock() + ttl, value)
 

@@ -138,6 +138,9 @@ class RedisStore(Store):
     async def get(self, key: str) -> bytes | None:
         return await self._call("get", lambda: self.client.get(self._key(key)))
 
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        return await self._call("mget", lambda: self.client.mget([self._key(key) for key in keys]))
+
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         await self._call("set", lambda: self.client.set(self._key(key), value, px=max(int(ttl * 1000), 1)))
 
