@@ -8,6 +8,7 @@ scrape, and every metric family in a scrape must have a panel.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -523,3 +524,102 @@ def test_compose_gateway_config_keeps_every_other_block_of_gateway_yaml() -> Non
     expected["auth"]["jwt"]["jwks_url"] = "http://upstream:8081/.well-known/jwks.json"
     assert compose == expected, "ops/gateway.compose.yaml drifted from gateway.yaml: change both"
     assert compose["redis"]["url"] == "redis://redis:6379/0"
+
+
+# -- a real Prometheus -----------------------------------------------------------------------------
+
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": "gateway", "$instance": ".*", "$route": ".*"}
+
+
+async def prometheus_api(session: aiohttp.ClientSession, base: str, path: str, **params: str) -> Any:
+    async with session.get(base + path, params=params) as response:
+        document = await response.json()
+    assert document["status"] == "success", document
+    return document["data"]
+
+
+async def until(check: Any, what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"Prometheus: {what} not reached in {timeout:.0f} s"
+        await asyncio.sleep(0.5)
+
+
+async def test_a_real_prometheus_scrapes_the_gateway_and_evaluates_every_rule_and_panel(upstream, start_gateway, redis_server, client, tmp_path) -> None:
+    """ops/prometheus/prometheus.yml and alerts.yml, run by Debian's prometheus against a live
+    gateway: the target is up, every alert rule evaluates without error, and every dashboard
+    query runs (with Grafana's variables filled in) and the traffic panels have data."""
+    binary = shutil.which("prometheus") or pytest.fail("prometheus is missing: Debian's prometheus package, which CI installs")
+    config = base_config(upstream.url)
+    config["routes"][0]["cache"] = {"ttl": "1m"}
+    config["routes"][0]["rate_limit"] = [{"key": "ip", "limit": 5, "window": "1m"}]
+    config["redis"] = {"url": redis_server.url, "timeout": "500ms"}
+    gateway = await start_gateway(config)
+    for _ in range(8):  # misses, hits and 429s
+        async with client.get(gateway.url + "/p") as response:
+            await response.read()
+
+    settings = load_yaml(PROMETHEUS_CONFIG)
+    settings["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    settings["rule_files"] = [str(ALERTS)]
+    port = free_port()
+    for job in settings["scrape_configs"]:
+        job.update(scrape_interval="1s", scrape_timeout="1s")
+        job["static_configs"] = [{"targets": [gateway.admin_url.removeprefix("http://") if job["job_name"] == "gateway" else f"127.0.0.1:{port}"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(settings))
+    process = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(base + "/-/ready") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            async def gateway_up() -> bool:
+                targets = (await prometheus_api(session, base, "/api/v1/targets"))["activeTargets"]
+                return any(t["labels"]["job"] == "gateway" and t["health"] == "up" for t in targets)
+
+            async def rules_evaluated() -> list[dict[str, Any]]:
+                groups = (await prometheus_api(session, base, "/api/v1/rules"))["groups"]
+                rules = [rule for group in groups for rule in group["rules"]]
+                return rules if rules and all(not rule["lastEvaluation"].startswith("0001") for rule in rules) else []
+
+            await until(ready, "ready")
+            await until(gateway_up, "the gateway target up")
+            rules = await until(rules_evaluated, "every rule evaluated")
+            assert {rule["name"] for rule in rules} == {rule["alert"] for rule in alert_rules()}
+            assert [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []
+
+            dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+            async def results() -> dict[str, list[Any]]:
+                found = {}
+                for query in dashboard_queries(dashboard):  # every query runs (the API says success)
+                    expr = query.expr
+                    for variable, value in GRAFANA_VARIABLES.items():
+                        expr = expr.replace(variable, value)
+                    found[query.where] = (await prometheus_api(session, base, "/api/v1/query", query=expr))["result"]
+                return found
+
+            async def traffic_shown() -> dict[str, list[Any]]:
+                found = await results()  # rates need two scrapes after the traffic
+                return found if all(found[where] for where in found if where.startswith(WITH_DATA)) else {}
+
+            await until(traffic_shown, "data in the traffic and cache panels")
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+WITH_DATA = ("panel 'Request rate by route and status'", "panel 'Cache hit ratio'", "panel 'Rate-limit decisions")
