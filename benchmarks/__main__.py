@@ -1,22 +1,25 @@
 """The gateway against the upstream alone, nginx and the Node stack, profile by profile.
 
     python -m benchmarks [--quick] [--seconds 3] [--rounds 3] [--warmup 1] [--connections 32]
-                         [--profiles passthrough,api,post,flood] [--targets direct,gateway,nginx,node]
+                         [--profiles passthrough,api,post,flood,cache] [--targets direct,gateway,nginx,node]
                          [--no-node] [--no-chart] [--keep]
 
 Everything runs on loopback, bounded in time and request count, and is started (and stopped) here:
 a redis-server on a free port; the upstream (nginx serving a static 1 KB JSON when installed, else
 a bare asyncio server); a JWKS endpoint (aiohttp) for RS256 tokens minted at start; one gateway
-(``python -m gateway run``) per profile; and, when installed, the reference proxies: nginx
-(proxy_pass with keep-alive, helmet's headers, ``limit_req``, an access log) and the Node stack
-(benchmarks/node: express, helmet, express-rate-limit + rate-limit-redis, http-proxy-middleware,
-jose, sanitize-html, validator, prom-client; installed by npm into a scratch folder under
-~/.cache/gateway-benchmarks, reused while package.json is unchanged).
+(``python -m gateway run``) per profile and row; and, when installed, the reference proxies: nginx
+(proxy_pass with keep-alive, helmet's headers, ``limit_req``, ``proxy_cache``, an access log) and
+the Node stack (benchmarks/node: express, helmet, express-rate-limit + rate-limit-redis,
+http-proxy-middleware, jose, sanitize-html, validator, prom-client; installed by npm into a
+scratch folder under ~/.cache/gateway-benchmarks, reused while package.json is unchanged).
 
 Profiles (benchmarks/profiles.py): GET 1 KB passthrough; GET with a real API route's policies
 (helmet + CDN headers, RS256 JWT via JWKS, two Redis-backed limits, metrics, access log); POST
-4 KB JSON with sanitize + validate; a flood from one client over its 10/min limit. The
-cache-hit profile is not part of the runner yet.
+4 KB JSON with sanitize + validate; a flood from one client over its 10/min limit; a GET 1 KB
+cache hit, with the gateway on its Redis store, on its memory store and proxied on the same route
+without the cache, against nginx's proxy_cache (the Node stack has no cache and sits it out).
+The checks before load make each cache's one miss; every run counts the requests that reached
+the upstream (its stub_status), which for a cache hit must stay at 0.
 
 Load: wrk when installed (else the bundled aiohttp generator, which saturates much sooner); with
 taskset, the load generator, the upstream, Redis and the JWKS server share half the cores and the
@@ -24,9 +27,10 @@ proxy under test gets the other half (the upstream moves there for the direct ro
 a warm-up of every target, then rounds that alternate the targets (A B C D, A B C D, ...).
 
 Per run: req/s, p50/p99 latency, statuses, CPU µs per request and busy share of the server's
-processes (/proc), their memory (RSS), and Redis commands and round trips per request (INFO
-before and after). The table gives medians with min–max over the rounds and the gateway's ratios
-to direct, nginx and node within each round. Every run goes to
+processes (/proc), their memory (RSS), Redis commands and round trips per request (INFO before
+and after), and requests that reached the upstream. The table gives medians with min–max over
+the rounds and the gateway's ratios to direct, nginx and node (cache: to nginx's hit and to the
+proxied route) within each round. Every run goes to
 benchmarks/results/profiles-<timestamp>.json, the chart to the .png beside it (needs matplotlib).
 """
 
@@ -78,8 +82,6 @@ from benchmarks.common import (
 RESULTS = Path(__file__).resolve().parent / "results"
 NODE_SOURCE = Path(__file__).resolve().parent / "node"
 NODE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gateway-benchmarks"
-LEFT_OUT = "cache hit: not part of the runner yet"
-
 started_at = time.monotonic()
 
 
@@ -89,7 +91,7 @@ def say(text: str) -> None:
 
 def version(command: list[str]) -> str:
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return ""
     return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else ""
@@ -130,7 +132,7 @@ def node_folder() -> tuple[Path | None, str]:
         try:
             done = subprocess.run(
                 ["npm", "install", "--no-audit", "--no-fund", "--no-package-lock", "--omit=dev", "--loglevel=error"],
-                cwd=folder, capture_output=True, text=True, timeout=300,
+                cwd=folder, capture_output=True, text=True, timeout=300, check=False,
             )
         except subprocess.TimeoutExpired:
             return None, "npm install took over 300 s"
@@ -157,6 +159,32 @@ def node_versions(folder: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def start_gateways(
+    processes: Processes, chosen: list[str], scratch: Path, cores: list[int] | None, configs: dict[str, Any], *,
+    upstream_port: int, redis_port: int, jwks_url: str,
+) -> dict[str, dict[str, Any]]:
+    """One gateway per profile and row (``gateway`` and the profile's ``gateway_rows``), listening:
+    {row: {"processes": {profile: process}, "ports": {profile: port}, "admin_ports": {profile: port}}}."""
+    servers: dict[str, dict[str, Any]] = {}
+    for key in chosen:
+        for row in ("gateway", *P.PROFILES[key].gateway_rows):
+            port, admin_port = free_port(), free_port() if key == "api" else None
+            config = P.gateway_config(key, port, upstream_port, redis_port, jwks_url, admin_port, row)
+            name = f"{row}-{key}"
+            path = scratch / f"{name}.yaml"
+            path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+            configs[name.replace("-", "_")] = config
+            server = servers.setdefault(row, {"processes": {}, "ports": {}, "admin_ports": {}})
+            server["processes"][key] = processes.start(name, [sys.executable, "-m", "gateway", "run", "-c", str(path)], cores, cwd=ROOT)
+            server["ports"][key] = port
+            if admin_port:
+                server["admin_ports"][key] = admin_port
+    for row, server in servers.items():
+        for key, process in server["processes"].items():
+            wait_for_port(server["ports"][key], process, processes, f"{row}-{key}")
+    return servers
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_cores, server_cores = cpu_plan()
     scratch = Path(tempfile.mkdtemp(prefix="bench-profiles-"))
@@ -180,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "git": git_state(),
         "profiles": {key: {"title": P.PROFILES[key].title, "method": P.PROFILES[key].method, "path": P.PROFILES[key].path, "does": P.PROFILES[key].does} for key in chosen},
-        "left_out": [LEFT_OUT],
+        "left_out": [f"{key}: no {target} row ({why})" for key in chosen for target, why in P.PROFILES[key].left_out.items() if target in args.targets],
         "skipped": {},
         "configs": {},
         "checks": {},
@@ -237,20 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # The proxies under test: on the server cores.
         servers: dict[str, dict[str, Any]] = {"direct": {"process": upstream, "ports": dict.fromkeys(chosen, upstream_port)}}
         if "gateway" in args.targets:
-            gateways, ports, admin_ports = {}, {}, {}
-            for key in chosen:
-                port, admin_port = free_port(), free_port() if key == "api" else None
-                config = P.gateway_config(key, port, upstream_port, redis_port, jwks_url, admin_port)
-                path = scratch / f"gateway-{key}.yaml"
-                path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-                report["configs"][f"gateway_{key}"] = config
-                gateways[key] = processes.start(f"gateway-{key}", [sys.executable, "-m", "gateway", "run", "-c", str(path)], server_cores, cwd=ROOT)
-                ports[key] = port
-                if admin_port:
-                    admin_ports[key] = admin_port
-            for key, process in gateways.items():
-                wait_for_port(ports[key], process, processes, f"gateway-{key}")
-            servers["gateway"] = {"processes": gateways, "ports": ports, "admin_ports": admin_ports}
+            servers.update(start_gateways(processes, chosen, scratch, server_cores, report["configs"], upstream_port=upstream_port, redis_port=redis_port, jwks_url=jwks_url))
         if "nginx" in args.targets and os.path.exists(NGINX):
             port = free_port()
             config = P.nginx_reference_config(scratch, port, upstream_port)
@@ -275,11 +290,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 wait_for_port(port, process, processes, "node", timeout=30)
                 servers["node"] = {"process": process, "ports": dict.fromkeys(chosen, port)}
                 say(f"node stack: {note}")
-        targets = [t for t in P.TARGETS if t in args.targets and t in servers]
+        targets = [row for target in P.TARGETS if target in args.targets for row in servers if row.partition("-")[0] == target]
         report["targets"] = targets
         for target in args.targets:
             if target not in servers and target not in report["skipped"]:
                 report["skipped"][target] = "not started"
+
+        def rows(key: str) -> list[str]:
+            """The rows of a profile: the targets it has a port on, but those it leaves out."""
+            return [row for row in targets if key in servers[row]["ports"] and row not in P.PROFILES[key].left_out]
 
         def url(target: str, key: str) -> str:
             return f"http://127.0.0.1:{servers[target]['ports'][key]}{P.PROFILES[key].path}"
@@ -295,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             body_files[name] = scratch / f"body-{name}.json"
             body_files[name].write_bytes(raw)
             body_files[name].chmod(0o644)
-        loads: dict[str, tuple[Path | None, Path | None]] = {"passthrough": (None, None), "flood": (None, None)}
+        loads: dict[str, tuple[Path | None, Path | None]] = dict.fromkeys(P.PROFILES, (None, None))
         loads["api"] = rotation_files(scratch, "load-api", P.PROFILES["api"].path, [{"headers": {"Authorization": f"Bearer {t}"}} for t in tokens])
         loads["post"] = rotation_files(
             scratch, "load-post", P.PROFILES["post"].path,
@@ -304,11 +323,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Checks: one request (or a few) per profile and target before any load.
         for key in chosen:
-            for target in targets:
+            for target in rows(key):
                 before = len(findings)
                 entry = check_target(key, target, url(target, key), tokens, body_bytes, findings)
                 report["checks"][f"{key}/{target}"] = entry
-                say(f"check {key:<11} {target:<7}: {entry['summary']}" + ("" if len(findings) == before else f" — {len(findings) - before} problem(s), see findings"))
+                say(f"check {key:<11} {target:<15}: {entry['summary']}" + ("" if len(findings) == before else f" — {len(findings) - before} problem(s), see findings"))
+
+        def upstream_served() -> int:
+            """Requests the upstream has served, this one included (stub_status)."""
+            return P.served_requests(request("GET", f"http://127.0.0.1:{upstream_port}{P.UPSTREAM_STATUS}")[2])
 
         def measure(key: str, target: str, phase: str, round_: int | None, seconds: float) -> dict[str, Any]:
             server_pid = pid(target, key)
@@ -317,6 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 script, spec = loads[key]
                 counters = redis_snapshot(client)
+                served = upstream_served()
                 window = time.monotonic()
                 before = {"server": tree_cpu_seconds(server_pid), "redis": tree_cpu_seconds(redis_server.pid), "core": core_times(server_cores), "load": core_times(load_cores)}
                 result = run_load(processes, url(target, key), seconds, args.connections, load_cores, name="load", script=script, spec=spec)
@@ -324,6 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 window = time.monotonic() - window
                 time.sleep(0.2)  # requests in flight when the load stopped reach Redis
                 change = redis_change(counters, redis_snapshot(client))
+                upstream_requests = upstream_served() - served - 1
                 mem = memory(server_pid)
             finally:
                 if target == "direct":
@@ -353,34 +378,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "redis_evalsha": change["commands"].get("evalsha", 0) + change["commands"].get("eval", 0),
                 "redis_commands_per_request": change["total"] / requests if requests else None,
                 "redis_round_trips_per_request": change["reads"] / requests if requests else None,
+                "upstream_requests": upstream_requests,
                 "loadavg": Path("/proc/loadavg").read_text().split()[0],
             }
             report["runs"].append(entry)
             lat = result["latency_us"]
             errors = {k: v for k, v in result["errors"].items() if v and k != "status"}
             say(
-                f"{phase}{'' if round_ is None else f' {round_}/{args.rounds}'} {key:<11} {target:<7}: {result['rps']:>8,.0f} req/s, "
+                f"{phase}{'' if round_ is None else f' {round_}/{args.rounds}'} {key:<11} {target:<15}: {result['rps']:>8,.0f} req/s, "
                 f"p50 {lat['p50'] / 1000:.2f} ms, p99 {lat['p99'] / 1000:.2f} ms, {entry['cpu_us_per_request'] or 0:.0f} CPU µs/req "
                 f"(busy {entry['server_busy'] or 0:.0%}; its core: softirq {entry['softirq_busy']:.0%}, others {entry['foreign_busy']:.0%}; load core {entry['load_core_busy']:.0%}), "
-                f"RSS {mem['rss_bytes'] / 2**20:.0f} MB, redis {entry['redis_commands_per_request'] or 0:.2f} cmd/req, statuses {statuses_text(result['statuses'])}"
+                f"RSS {mem['rss_bytes'] / 2**20:.0f} MB, redis {entry['redis_commands_per_request'] or 0:.2f} cmd/req, upstream {upstream_requests:,} requests, "
+                f"statuses {statuses_text(result['statuses'])}"
                 + (f", socket errors {errors}" if errors else "")
             )
             return entry
 
         for key in chosen:
             say(f"profile {key}: {P.PROFILES[key].title}")
-            for target in targets:
+            for target in rows(key):
                 measure(key, target, "warmup", None, args.warmup)
             for round_ in range(1, args.rounds + 1):
-                for target in targets:
+                for target in rows(key):
                     measure(key, target, "round", round_, args.seconds)
 
         # Metrics the gateway and node recorded for the api profile (the policy is on, and counts).
         if "api" in chosen:
             report["metrics_scrapes"] = scrape_metrics(servers, url)
+        gateway_logs = {row: [f"{row}-{key}" for key in servers[row]["processes"]] for row in targets if row.startswith("gateway")}
         for target in targets:
-            report["findings"] += log_findings(target, processes, scratch, list(servers.get("gateway", {}).get("processes", {})))
-        report["logs_tail"] = {name: processes.log_text(name)[-3000:] for name in ("redis", "jwks", "node", *[f"gateway-{k}" for k in chosen])}
+            report["findings"] += log_findings(target, processes, scratch, gateway_logs.get(target, []))
+        report["logs_tail"] = {name: processes.log_text(name)[-3000:] for name in ("redis", "jwks", "node", *(n for names in gateway_logs.values() for n in names))}
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         processes.close()
@@ -471,7 +499,32 @@ def check_target(key: str, target: str, url: str, tokens: list[str], body_bytes:
         entry.update(status=status, headers=headers, summary=f"{status} (the first request of the client)")
         if status != 200:
             findings.append(f"{where}: the client's first request got {status}")
+    elif key == "cache":
+        entry.update(check_cache(where, target in P.PROFILES[key].cached, url, findings))
     return entry
+
+
+def check_cache(where: str, cached: bool, url: str, findings: list[str]) -> dict[str, Any]:
+    """Two GETs: the first makes the row's one miss, the second must be a hit where the row caches."""
+    responses = []
+    for _ in range(2):
+        status, headers, body = request("GET", url)
+        lower = {k.lower(): v for k, v in headers.items()}
+        responses.append({"status": status, "bytes": len(body), "cache_status": lower.get("cache-status") or lower.get("x-cache-status"), "age": lower.get("age")})
+        if status != 200 or len(body) != 1024:
+            findings.append(f"{where}: {status} with {len(body)} bytes (expected 200 with 1024)")
+    seen = responses[1]["cache_status"]
+    if cached and not is_hit(seen):
+        findings.append(f"{where}: the second request was not a hit (cache status {seen!r})")
+    if not cached and seen:
+        findings.append(f"{where}: a row without a cache answered with a cache status {seen!r}")
+    summary = " then ".join(f"{r['status']} {r['bytes']} B {r['cache_status'] or 'no cache status'!r}" for r in responses)
+    return {"responses": responses, "summary": summary}
+
+
+def is_hit(cache_status: str | None) -> bool:
+    """RFC 9211 ``Cache-Status: gateway; hit; ttl=59`` or nginx's ``X-Cache-Status: HIT``."""
+    return cache_status is not None and "hit" in (part.strip().lower() for part in cache_status.split(";"))
 
 
 def scrape_metrics(servers: dict[str, Any], url: Any) -> dict[str, Any]:
@@ -494,13 +547,13 @@ def scrape_metrics(servers: dict[str, Any], url: Any) -> dict[str, Any]:
     return out
 
 
-def log_findings(target: str, processes: Processes, scratch: Path, gateway_profiles: list[str]) -> list[str]:
-    """Warnings and errors in the logs of ``target``'s processes, grouped and counted."""
+def log_findings(target: str, processes: Processes, scratch: Path, gateway_logs: list[str]) -> list[str]:
+    """Warnings and errors in the logs of ``target``'s processes (a gateway row: ``gateway_logs``), grouped and counted."""
     out = []
-    if target == "gateway":
-        for key in gateway_profiles:
+    if target.startswith("gateway"):
+        for name in gateway_logs:
             groups: dict[str, int] = {}
-            for line in processes.log_text(f"gateway-{key}").splitlines():
+            for line in processes.log_text(name).splitlines():
                 try:
                     record = json.loads(line)
                 except ValueError:
@@ -514,7 +567,7 @@ def log_findings(target: str, processes: Processes, scratch: Path, gateway_profi
                 exception = trace.strip().splitlines()[-1] if trace.strip() else ""
                 what = f"{level} {head[:160]!r}" + (f" ({exception[:160]})" if exception else "")
                 groups[what] = groups.get(what, 0) + 1
-            out += [f"gateway-{key} log: {n}x {what}" for what, n in groups.items()]
+            out += [f"{name} log: {n}x {what}" for what, n in groups.items()]
     elif target == "node":
         groups = {}
         for line in processes.log_text("node").splitlines():
@@ -574,6 +627,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
                 "redis_round_trips_per_request": sum(run["redis_round_trips"] for run in mine) / requests if requests else None,
                 "redis_evalsha_per_request": sum(run["redis_evalsha"] for run in mine) / requests if requests else None,
                 "redis_commands": _merge(run["redis_commands"] for run in mine),
+                "upstream_requests": sum(run["upstream_requests"] for run in mine),
                 "statuses": dict(sorted(statuses.items())),
                 "statuses_all_runs": dict(sorted(_merge(run["statuses"] for run in every).items())),
                 "socket_errors": {k: sum(run["errors"][k] for run in mine) for k in ("connect", "read", "write", "timeout")},
@@ -583,15 +637,16 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         for run in measured:
             if run["profile"] == key:
                 by_round.setdefault(run["round"], {})[run["target"]] = run
-        for other in ("direct", "nginx", "node"):
-            rps = [r["gateway"]["rps"] / r[other]["rps"] for r in by_round.values() if "gateway" in r and other in r and r[other]["rps"]]
+        for row, other in P.PROFILES[key].ratios:
+            pairs = [(r[row], r[other]) for r in by_round.values() if row in r and other in r]
+            rps = [ours["rps"] / theirs["rps"] for ours, theirs in pairs if theirs["rps"]]
             cpu = [
-                r["gateway"]["cpu_us_per_request"] / r[other]["cpu_us_per_request"]
-                for r in by_round.values() if "gateway" in r and other in r and r[other]["cpu_us_per_request"] and r["gateway"]["cpu_us_per_request"] is not None
+                ours["cpu_us_per_request"] / theirs["cpu_us_per_request"]
+                for ours, theirs in pairs if theirs["cpu_us_per_request"] and ours["cpu_us_per_request"] is not None
             ]
-            p99 = [r["gateway"]["latency_us"]["p99"] / r[other]["latency_us"]["p99"] for r in by_round.values() if "gateway" in r and other in r and r[other]["latency_us"]["p99"]]
+            p99 = [ours["latency_us"]["p99"] / theirs["latency_us"]["p99"] for ours, theirs in pairs if theirs["latency_us"]["p99"]]
             if rps:
-                ratios.setdefault(key, {})[f"gateway/{other}"] = {
+                ratios.setdefault(key, {})[f"{row}/{other}"] = {
                     "rps": {"per_round": rps, **spread(rps)},
                     "cpu_us_per_request": {"per_round": cpu, **spread(cpu)},
                     "p99": {"per_round": p99, **spread(p99)},
@@ -631,15 +686,25 @@ def check(report: dict[str, Any]) -> list[str]:
             ceiling = P.FLOOD_LIMIT * (2 + int(elapsed_minutes)) + (int(elapsed_minutes * 10) + 1 if target == "nginx" else 0)
             if allowed > ceiling:
                 findings.append(f"{name}: {allowed} requests allowed over {elapsed_minutes:.1f} min where {P.FLOOD_LIMIT}/min was set")
-        if target == "gateway":
+        upstream = cell["upstream_requests"]
+        if target in P.PROFILES[key].cached and upstream:
+            findings.append(f"{name}: {upstream:,} requests reached the upstream during the measured rounds (a hit must not touch it)")
+        if target not in P.PROFILES[key].cached and upstream < cell["statuses"].get("200", 0):
+            findings.append(f"{name}: the upstream counted {upstream:,} requests for {cell['statuses']['200']:,} answers of 200 (its counter misses some)")
+        if target.startswith("gateway"):
             cmds = cell["redis_commands_per_request"] or 0
             trips = cell["redis_round_trips_per_request"] or 0
-            if key in ("passthrough", "post") and cell["redis_commands"]:
-                findings.append(f"{name}: {cell['redis_commands']} Redis commands on a route with no limits")
+            if not P.uses_redis(key, target) and cell["redis_commands"]:
+                findings.append(f"{name}: {cell['redis_commands']} Redis commands from a gateway with no redis block")
             if key == "api" and not 0.95 <= trips <= 1.05:
                 findings.append(f"{name}: {trips:.3f} Redis round trips per request (the rule: one for all limits of a route)")
             if key == "flood" and trips > 0.01:
                 findings.append(f"{name}: {trips:.3f} Redis round trips per request (a remembered denial should cost none); {cmds:.3f} commands")
+    for key in report["profiles"]:
+        for name, bound in P.PROFILES[key].cpu_bounds.items():
+            cpu = report["summary"]["ratios"].get(key, {}).get(name, {}).get("cpu_us_per_request", {})
+            if cpu.get("median", 0) > bound:
+                findings.append(f"{key} {name}: CPU µs/req {cpu['median']:.2f}x {fmt_range(cpu, '.2f')} over the bound of {bound:g}x")
     noisy = [run for run in report["runs"] if run["phase"] == "round" and (run["foreign_busy"] or 0) > 0.05]
     if noisy and report["environment"]["server_cores"]:
         worst = max(noisy, key=lambda run: run["foreign_busy"])
@@ -671,49 +736,61 @@ def fmt_range(s: dict[str, float], digits: str) -> str:
     return f"({format(s['min'], digits)}–{format(s['max'], digits)})" if s else ""
 
 
+def profile_lines(report: dict[str, Any], key: str) -> list[str]:
+    """One profile's rows, its skipped and left-out targets, its ratios (and a cache's statuses)."""
+    cells, ratios, env = report["summary"]["cells"], report["summary"]["ratios"], report["environment"]
+    p = P.PROFILES[key]
+    lines = [
+        f"{p.title} — {p.method} {p.path}",
+        (
+            f"  {'target':<15} {'req/s':>8} {'(min–max)':>17} {'p50 ms':>7} {'p99 ms':>7} {'busy':>5} {'CPU µs/req':>10} {'RSS MB':>7} "
+            f"{'redis cmd/req':>13} {'evalsha/req':>11} {'rt/req':>7} {'upstream':>9}  {'statuses':<18} what it runs"
+        ),
+    ]
+    for target in report.get("targets", []):
+        cell = cells.get(f"{key}/{target}")
+        if not cell:
+            continue
+        rps, cpu = cell["rps"], cell["cpu_us_per_request"]
+        does = f"{env.get('upstream')} (1 KB JSON; POST: echo)" if target == "direct" else p.does.get(target, "")
+        lines.append(
+            f"  {target:<15} {rps['median']:>8,.0f} {fmt_range(rps, ',.0f'):>17} {cell['p50_ms']:>7.2f} {cell['p99_ms']:>7.2f} {cell['server_busy']:>5.0%} "
+            f"{cpu.get('median', 0):>10.1f} {cell['rss_mb']:>7.1f} {cell['redis_commands_per_request']:>13.3f} {cell['redis_evalsha_per_request']:>11.3f} "
+            f"{cell['redis_round_trips_per_request']:>7.3f} {cell['upstream_requests']:>9,}  {statuses_text(cell['statuses']):<18} {does}"
+        )
+    skipped = {**report["skipped"], **{t: why for t, why in p.left_out.items() if t in report["args"]["targets"] and t not in report["skipped"]}}
+    lines += [f"  {target:<15} skipped: {reason}" for target, reason in skipped.items()]
+    for name, r in ratios.get(key, {}).items():
+        lines.append(
+            f"  {name:<30} req/s {r['rps']['median']:.2f} {fmt_range(r['rps'], '.2f'):<13} CPU µs/req {r['cpu_us_per_request'].get('median', float('nan')):.2f}x "
+            f"{fmt_range(r['cpu_us_per_request'], '.2f'):<13} p99 {r['p99'].get('median', float('nan')):.2f}x"
+        )
+    seen = {
+        target: " then ".join(repr(response["cache_status"]) for response in check["responses"])
+        for target in report.get("targets", []) if (check := report["checks"].get(f"{key}/{target}", {})).get("responses")
+    }
+    if seen:
+        lines.append("  cache status of two requests before load: " + "; ".join(f"{target} {statuses}" for target, statuses in seen.items()))
+    return lines
+
+
 def table(report: dict[str, Any]) -> str:
-    summary, env, args = report["summary"], report["environment"], report["args"]
-    cells, ratios = summary["cells"], summary["ratios"]
-    head = (
-        f"  {'target':<8} {'req/s':>8} {'(min–max)':>17} {'p50 ms':>7} {'p99 ms':>7} {'busy':>5} {'CPU µs/req':>10} {'RSS MB':>7} "
-        f"{'redis cmd/req':>13} {'evalsha/req':>11} {'rt/req':>7}  {'statuses':<18} what it runs"
-    )
+    env, args = report["environment"], report["args"]
     lines = []
     for key in report["profiles"]:
-        p = P.PROFILES[key]
-        lines.append(f"{p.title} — {p.method} {p.path}")
-        lines.append(head)
-        for target in report.get("targets", []):
-            cell = cells.get(f"{key}/{target}")
-            if not cell:
-                continue
-            rps, cpu = cell["rps"], cell["cpu_us_per_request"]
-            cmds = cell["redis_commands_per_request"]
-            trips = cell["redis_round_trips_per_request"]
-            evalsha = cell["redis_evalsha_per_request"]
-            does = p.does.get(target, "")
-            if target == "direct":
-                does = f"{env.get('upstream')} (1 KB JSON; POST: echo)"
-            lines.append(
-                f"  {target:<8} {rps['median']:>8,.0f} {fmt_range(rps, ',.0f'):>17} {cell['p50_ms']:>7.2f} {cell['p99_ms']:>7.2f} {cell['server_busy']:>5.0%} "
-                f"{cpu.get('median', 0):>10.1f} {cell['rss_mb']:>7.1f} {cmds:>13.3f} {evalsha:>11.3f} {trips:>7.3f}  {statuses_text(cell['statuses']):<18} {does}"
-            )
-        for target, reason in report["skipped"].items():
-            lines.append(f"  {target:<8} skipped: {reason}")
-        for other, r in ratios.get(key, {}).items():
-            lines.append(
-                f"  {other:<15} req/s {r['rps']['median']:.2f} {fmt_range(r['rps'], '.2f'):<13} CPU µs/req {r['cpu_us_per_request'].get('median', float('nan')):.2f}x "
-                f"{fmt_range(r['cpu_us_per_request'], '.2f'):<13} p99 {r['p99'].get('median', float('nan')):.2f}x"
-            )
-        lines.append("")
-    lines.append(f"left out: {LEFT_OUT}")
+        lines += [*profile_lines(report, key), ""]
+    if report["left_out"]:
+        lines.append(f"left out: {'; '.join(report['left_out'])}")
     lines.append(
         "busy = the server's CPU share of one core during the run; CPU µs/req = CPU of the server's processes per request "
         "(/proc, 10 ms ticks); RSS = their resident memory after the run; redis cmd/req = INFO commandstats calls (commands "
         "inside scripts included); evalsha/req = script calls the clients sent; rt/req = Redis socket reads (node-redis "
         "writes the commands of one event-loop tick together, so its rt/req is below its evalsha/req); medians, (min–max) over rounds"
     )
-    lines.append("gateway/X = the gateway's figure over X's in the same round, median (min–max) over rounds")
+    lines.append(
+        "upstream = requests that reached the upstream during the measured rounds (its stub_status); "
+        "A/B = row A's figure over row B's in the same round, median (min–max) over rounds"
+    )
     lines.append(
         "nginx has no JWT and no body checks (marked in 'what it runs'); node verifies every token (jose, no verified-token cache); "
         "express-rate-limit has fixed windows only (the gateway's api limits are sliding window and token bucket); "
@@ -742,8 +819,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds over the targets per profile (default 3; --quick 2)")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up load per target and profile (default 1)")
     parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections")
-    parser.add_argument("--profiles", default=",".join(P.PROFILES), help=f"comma-separated, of {', '.join(P.PROFILES)}")
-    parser.add_argument("--targets", default=",".join(P.TARGETS), help=f"comma-separated, of {', '.join(P.TARGETS)}")
+    parser.add_argument(
+        "--profiles", default=",".join(P.PROFILES),
+        help="comma-separated, of " + "; ".join(f"{key} ({profile.title})" for key, profile in P.PROFILES.items()),
+    )
+    parser.add_argument(
+        "--targets", default=",".join(P.TARGETS),
+        help=f"comma-separated, of {', '.join(P.TARGETS)} (gateway brings a profile's gateway rows: cache adds gateway-memory and gateway-proxied)",
+    )
     parser.add_argument("--no-node", action="store_true", help="leave the Node stack out (no npm)")
     parser.add_argument("--no-nginx-upstream", action="store_true", help="use the asyncio upstream even when nginx is installed")
     parser.add_argument("--no-chart", action="store_true", help="no PNG")
@@ -759,9 +842,13 @@ def main() -> None:
     unknown = [p for p in args.profiles if p not in P.PROFILES] + [t for t in args.targets if t not in P.TARGETS]
     if unknown:
         parser.error(f"unknown profile or target: {', '.join(unknown)}")
-    runs = len(args.profiles) * len(args.targets) * (args.rounds + 1)
-    estimate = len(args.profiles) * len(args.targets) * (args.warmup + args.rounds * args.seconds) + runs * 0.4 + 10
-    say(f"{len(args.profiles)} profiles x {len(args.targets)} targets, {runs} load runs, about {estimate / 60:.1f} min")
+    rows = sum(
+        len([t for t in args.targets if t not in P.PROFILES[key].left_out]) + (len(P.PROFILES[key].gateway_rows) if "gateway" in args.targets else 0)
+        for key in args.profiles
+    )
+    runs = rows * (args.rounds + 1)
+    estimate = rows * (args.warmup + args.rounds * args.seconds) + runs * 0.4 + 10
+    say(f"{len(args.profiles)} profiles, {rows} rows over them, {runs} load runs, about {estimate / 60:.1f} min")
     try:
         report = run(args)
     except KeyboardInterrupt:

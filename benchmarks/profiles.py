@@ -11,24 +11,33 @@ work that target does for it:
     post         POST 4 KB JSON product bodies (9 clean : 1 with markup) through sanitize (nh3) and
                  validate (field rules)
     flood        GET from one client over its limit of 10 per minute
+    cache        GET 1 KB answered from a cache (ttl 1h) after one miss; the upstream never sees
+                 the measured requests
 
 Targets: ``direct`` (the upstream itself), ``gateway`` (one ``python -m gateway run`` per
-profile), ``nginx`` (proxy_pass with keep-alive; headers, ``limit_req`` and an access log where
-the profile has them; no JWT, no body checks) and ``node`` (benchmarks/node/server.js: express,
-helmet, express-rate-limit + rate-limit-redis, http-proxy-middleware, jose, sanitize-html,
-validator, prom-client).
+profile), ``nginx`` (proxy_pass with keep-alive; headers, ``limit_req``, ``proxy_cache`` and an
+access log where the profile has them; no JWT, no body checks) and ``node``
+(benchmarks/node/server.js: express, helmet, express-rate-limit + rate-limit-redis,
+http-proxy-middleware, jose, sanitize-html, validator, prom-client; it has no cache, so it sits
+the cache profile out).
 
-The cache-hit profile is not part of the runner yet.
+A profile may add gateway rows: variants of its route, each its own gateway process, measured
+in the same rounds. The cache profile has ``gateway`` (the Redis store), ``gateway-memory`` (the
+embedded memory store: how much of a hit is Redis) and ``gateway-proxied`` (the same route
+without the cache: every request goes upstream).
 
 Helpers run as their own processes: ``python -m benchmarks.profiles upstream PORT FILE`` (the
 cheap upstream when nginx is missing: a bare asyncio HTTP/1.1 server answering GET with FILE and
 POST with the length it received) and ``python -m benchmarks.profiles jwks PORT FILE`` (serves
-the JWKS the gateway and the Node stack fetch).
+the JWKS the gateway and the Node stack fetch). Either upstream answers ``GET /upstream-status``
+with nginx's stub_status text, whose request count (that request included) tells how many
+requests reached it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +53,9 @@ AUDIENCE = "bench-api"
 USERS = 100  # distinct tokens in the api rotation
 KID = "bench-rs256"
 POST_ECHO = '{"ok":true,"len":"$content_length"}'  # nginx's answer to a POST: what length arrived
+UPSTREAM_STATUS = "/upstream-status"  # the upstream's request counter (nginx: stub_status)
+CACHE_TTL = "1h"
+RATIOS = (("gateway", "direct"), ("gateway", "nginx"), ("gateway", "node"))  # (row, over row), per round
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,12 @@ class Profile:
     method: str
     path: str
     expected: frozenset[str]  # statuses every target should answer under load
-    does: dict[str, str] = field(default_factory=dict)  # target → what it runs for this profile
+    does: dict[str, str] = field(default_factory=dict)  # row → what it runs for this profile
+    gateway_rows: tuple[str, ...] = ()  # gateway variants besides "gateway" (see gateway_config)
+    left_out: dict[str, str] = field(default_factory=dict)  # target → why it has no row here
+    cached: frozenset[str] = frozenset()  # rows whose measured requests must never reach the upstream
+    ratios: tuple[tuple[str, str], ...] = RATIOS
+    cpu_bounds: dict[str, float] = field(default_factory=dict)  # "row/other" → the most its CPU µs/req ratio may be
 
 
 PROFILES: dict[str, Profile] = {
@@ -94,6 +111,25 @@ PROFILES: dict[str, Profile] = {
                 "nginx": f"limit_req {FLOOD_LIMIT}r/m burst={FLOOD_LIMIT - 1} (shm)",
                 "node": f"express-rate-limit {FLOOD_LIMIT}/min, RedisStore",
             },
+        ),
+        Profile(
+            "cache", "GET 1 KB cache hit", "GET", "/cached", frozenset({"200"}),
+            {
+                "direct": "upstream alone",
+                "gateway": f"cache ttl {CACHE_TTL}, redis store: a hit",
+                "gateway-memory": f"cache ttl {CACHE_TTL}, embedded memory store: a hit",
+                "gateway-proxied": "the same route without cache: proxied",
+                "nginx": f"proxy_cache (key $request_uri, valid 200 {CACHE_TTL}): a hit",
+            },
+            gateway_rows=("gateway-memory", "gateway-proxied"),
+            left_out={"node": "the Node stack has no cache"},
+            cached=frozenset({"gateway", "gateway-memory", "nginx"}),
+            ratios=(
+                ("gateway", "nginx"), ("gateway", "gateway-proxied"), ("gateway", "direct"),
+                ("gateway-memory", "nginx"), ("gateway-memory", "gateway-proxied"),
+            ),
+            # The benchmarks issue: a hit costs at most 3x nginx's CPU; and a hit should cost less than proxying.
+            cpu_bounds={"gateway/nginx": 3.0, "gateway-memory/nginx": 3.0, "gateway/gateway-proxied": 1.0, "gateway-memory/gateway-proxied": 1.0},
         ),
     )
 }
@@ -142,7 +178,8 @@ def validate_fields() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def gateway_config(profile: str, port: int, upstream_port: int, redis_port: int, jwks_url: str, admin_port: int | None) -> dict[str, Any]:
+def gateway_config(profile: str, port: int, upstream_port: int, redis_port: int, jwks_url: str, admin_port: int | None, row: str = "gateway") -> dict[str, Any]:
+    """The gateway's config for one row of a profile: ``gateway``, or one of its ``gateway_rows``."""
     p = PROFILES[profile]
     route: dict[str, Any] = {"name": profile, "match": {"path": p.path, "methods": [p.method]}, "upstream": "origin"}
     config: dict[str, Any] = {
@@ -181,9 +218,16 @@ def gateway_config(profile: str, port: int, upstream_port: int, redis_port: int,
         route["validate"] = {"max_body": "1mb", "content_types": ["application/json"], "fields": validate_fields()}
     elif profile == "flood":
         route["rate_limit"] = [{"key": "ip", "limit": FLOOD_LIMIT, "window": FLOOD_WINDOW}]
-    if profile in ("api", "flood"):
+    elif profile == "cache" and row != "gateway-proxied":
+        route["cache"] = {"ttl": CACHE_TTL}
+    if uses_redis(profile, row):
         config["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout": "1s"}
     return config
+
+
+def uses_redis(profile: str, row: str = "gateway") -> bool:
+    """Whether the gateway's config for this row has a ``redis:`` block (the others use none)."""
+    return row == "gateway" and profile in ("api", "flood", "cache")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +264,8 @@ http {{
 
 def nginx_upstream_config(scratch: Path, port: int, document: Path) -> Path:
     """nginx as the upstream: GET anything → the 1 KB JSON file; POST /api/users → a small JSON
-    echoing the Content-Length it received (so a rewritten body shows)."""
+    echoing the Content-Length it received (so a rewritten body shows); GET /upstream-status →
+    stub_status (the requests it served)."""
     text = _nginx_common(scratch, "nginx-upstream") + f"""
     server {{
         listen 127.0.0.1:{port};
@@ -228,6 +273,9 @@ def nginx_upstream_config(scratch: Path, port: int, document: Path) -> Path:
         location = {PROFILES['post'].path} {{
             default_type application/json;
             return 200 '{POST_ECHO}';
+        }}
+        location = {UPSTREAM_STATUS} {{
+            stub_status;
         }}
         location / {{
             root {document.parent};
@@ -263,6 +311,7 @@ def nginx_reference_config(scratch: Path, port: int, upstream_port: int) -> Path
     limit_req_zone $binary_remote_addr zone=flood:10m rate={FLOOD_LIMIT}r/m;
     limit_req_status 429;
     limit_req_log_level info;  # error_log is at warn: a flood's refusals are not written one by one
+    proxy_cache_path {scratch}/nginx-cache levels=1:2 keys_zone=hits:1m max_size=64m inactive=1h use_temp_path=off;
     upstream origin {{
         server 127.0.0.1:{upstream_port};
         keepalive 100;
@@ -294,12 +343,28 @@ def nginx_reference_config(scratch: Path, port: int, upstream_port: int) -> Path
         location = {PROFILES['flood'].path} {{
             limit_req zone=flood burst={FLOOD_LIMIT - 1} nodelay;{forwarded}
         }}
+        location = {PROFILES['cache'].path} {{
+            # The gateway's key is the path and the query (no Host unless the route needs it).
+            proxy_cache hits;
+            proxy_cache_key $request_uri;
+            proxy_cache_valid 200 {CACHE_TTL};
+            proxy_cache_lock on;
+            add_header X-Cache-Status $upstream_cache_status always;{forwarded}
+        }}
     }}
 }}
 """
     path = scratch / "nginx-proxy.conf"
     path.write_text(text)
     return path
+
+
+def served_requests(stub_status: bytes) -> int:
+    """The request count in a stub_status answer (nginx's or the asyncio upstream's)."""
+    found = re.search(rb"^server accepts handled requests\s*\n\s*\d+\s+\d+\s+(\d+)", stub_status, re.MULTILINE)
+    if found is None:
+        raise ValueError(f"not a stub_status answer: {stub_status[:200]!r}")
+    return int(found.group(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,16 +390,35 @@ def _dechunk(buffer: bytearray, start: int) -> tuple[int, int] | None:
         pos += size + 2
 
 
-class _Upstream(asyncio.Protocol):
-    """HTTP/1.1 keep-alive: GET/HEAD → the document; other methods → {"ok":true,"len":"N"}."""
+@dataclass
+class _Served:
+    """What the asyncio upstream counted, shown as nginx's stub_status shows it."""
 
-    def __init__(self, document: bytes) -> None:
+    connections: int = 0
+    active: int = 0
+    requests: int = 0
+
+    def stub_status(self) -> bytes:
+        return (
+            f"Active connections: {self.active} \nserver accepts handled requests\n"
+            f" {self.connections} {self.connections} {self.requests} \nReading: 0 Writing: 1 Waiting: 0 \n"
+        ).encode()
+
+
+class _Upstream(asyncio.Protocol):
+    """HTTP/1.1 keep-alive: GET/HEAD → the document; other methods → {"ok":true,"len":"N"};
+    GET /upstream-status → the stub_status text (requests counted, this one included)."""
+
+    def __init__(self, document: bytes, served: _Served) -> None:
         self.document = document
+        self.served = served
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.served.connections += 1
+        self.served.active += 1
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -345,7 +429,7 @@ class _Upstream(asyncio.Protocol):
                     self.transport.close()
                 return
             lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
-            method = lines[0].split(" ", 1)[0]
+            method, _, target = lines[0].partition(" ")
             headers = {}
             for line in lines[1:]:
                 name, _, value = line.partition(":")
@@ -362,7 +446,13 @@ class _Upstream(asyncio.Protocol):
                 if len(self.buffer) < consumed:
                     return
             del self.buffer[:consumed]
-            body = self.document if method in ("GET", "HEAD") else b'{"ok":true,"len":"%d"}' % received
+            self.served.requests += 1
+            if method == "GET" and target.split(" ", 1)[0] == UPSTREAM_STATUS:
+                body = self.served.stub_status()
+            elif method in ("GET", "HEAD"):
+                body = self.document
+            else:
+                body = b'{"ok":true,"len":"%d"}' % received
             head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
             self.transport.write(head if method == "HEAD" else head + body)
             if headers.get("connection", "").lower() == "close":
@@ -370,13 +460,15 @@ class _Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.served.active -= 1
 
 
 def serve_upstream(port: int, document: str) -> None:
     body = Path(document).read_bytes()
+    served = _Served()
 
     async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(lambda: _Upstream(body), "127.0.0.1", port, backlog=1024)
+        server = await asyncio.get_running_loop().create_server(lambda: _Upstream(body, served), "127.0.0.1", port, backlog=1024)
         async with server:
             await server.serve_forever()
 
