@@ -68,6 +68,11 @@ class CircuitBreaker:
         elif self.state == "closed" and self.failures >= self.threshold:
             self._open(reason)
 
+    def abandoned(self) -> None:
+        """A call was given up before it ended (its request was cancelled): it says nothing of the
+        dependency, but a half-open probe must not stay taken, or no call would ever go again."""
+        self.probing = False
+
     def _open(self, reason: str) -> None:
         self.opened_at = self.clock()
         self._move("open", reason)

@@ -98,20 +98,21 @@ class RedisStore(Store):
     async def _call(self, command: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
             raise DependencyUnavailable("redis is unavailable (circuit open)")
-        # The breaker must hear how every call ended, also when the request that made it is
-        # cancelled (handler_cancellation: its client left): a half-open probe that never
-        # reports keeps the breaker half-open, and Redis out of every decision, until a restart.
-        # The call is bounded by the timeout, so letting it finish costs little.
-        return await asyncio.shield(self._attempt(command, call))
-
-    async def _attempt(self, command: str, call: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(self._bounded(call), self.timeout)
+            # asyncio.timeout, not wait_for: no task per call (a Redis call is on every request).
+            async with asyncio.timeout(self.timeout):
+                result = await self._bounded(call)
+        except asyncio.CancelledError:
+            # The request that made the call was cancelled (handler_cancellation: its client
+            # left). That says nothing of Redis, but a half-open probe must be given back, or
+            # the breaker would keep Redis out of every decision until a restart.
+            self.breaker.abandoned()
+            raise
         except Exception as exc:  # RedisError, OSError, timeouts, and redis-py's own
             # slips (an AttributeError on a connection its cluster client closed under a command):
             # each is a store failure that on_failure answers (never a 500), and the breaker
-            # must hear of it (a half-open probe that never reports keeps Redis out for good).
+            # must hear of it.
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.breaker.failed(reason)
             raise DependencyUnavailable(f"redis: {reason}") from exc
