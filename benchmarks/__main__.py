@@ -63,8 +63,10 @@ from benchmarks.common import (
     Processes,
     core_times,
     cpu_plan,
+    elapsed,
     free_port,
     git_state,
+    interrupt,
     load_tool,
     memory,
     move_to_cores,
@@ -73,8 +75,9 @@ from benchmarks.common import (
     redis_snapshot,
     rotation_files,
     run_load,
+    say,
     spread,
-    survivors,
+    tear_down,
     tree_cpu_seconds,
     wait_for_port,
 )
@@ -82,11 +85,7 @@ from benchmarks.common import (
 RESULTS = Path(__file__).resolve().parent / "results"
 NODE_SOURCE = Path(__file__).resolve().parent / "node"
 NODE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gateway-benchmarks"
-started_at = time.monotonic()
 
-
-def say(text: str) -> None:
-    print(f"[{time.monotonic() - started_at:5.1f}s] {text}", flush=True)
 
 
 def version(command: list[str]) -> str:
@@ -216,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "findings": [],
     }
     findings: list[str] = report["findings"]
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    previous_term = signal.signal(signal.SIGTERM, interrupt)
     try:
         say(
             f"scratch {scratch}; load: {load_tool()}; cores: load/upstream/redis {load_cores or 'unpinned'}, "
@@ -410,22 +409,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["findings"] += log_findings(target, processes, scratch, gateway_logs.get(target, []))
         report["logs_tail"] = {name: processes.log_text(name)[-3000:] for name in ("redis", "jwks", "node", *(n for names in gateway_logs.values() for n in names))}
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        processes.close()
-        leftovers = survivors(scratch)
-        if leftovers:
-            report["findings"].append(f"processes still running after the stop: {leftovers}")
-        if args.keep:
-            say(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        tear_down(previous_term, processes, scratch, args.keep, report["findings"])
     report["summary"] = summarise(report)
     report["findings"] += check(report)
     return report
 
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -872,7 +860,7 @@ def main() -> None:
     print(f"every run: {out.relative_to(ROOT)}")
     if not args.no_chart:
         print(f"chart: {report['chart']}" if report["chart"] else f"chart: skipped — {report['chart_note']}")
-    print(f"total {time.monotonic() - started_at:.0f}s")
+    print(f"total {elapsed():.0f}s")
 
 
 if __name__ == "__main__":

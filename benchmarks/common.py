@@ -413,6 +413,37 @@ def aiohttp_load(url: str, seconds: float, connections: int, spec_file: str | No
 # ---------------------------------------------------------------------------------------------
 
 
+STARTED = time.monotonic()  # when the benchmark began (its module imports this one first)
+
+
+def say(text: str) -> None:
+    """A progress line, stamped with the seconds since the benchmark began."""
+    print(f"[{elapsed():5.1f}s] {text}", flush=True)
+
+
+def elapsed() -> float:
+    return time.monotonic() - STARTED
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler: end the run the way Ctrl-C does, through every finally."""
+    raise KeyboardInterrupt
+
+
+def tear_down(previous_term: Any, processes: "Processes", scratch: Path, keep: bool, findings: list[str]) -> None:
+    """The end of every run: each process it started stops, any left running is a finding, and
+    the scratch folder goes (unless kept)."""
+    signal.signal(signal.SIGTERM, previous_term)
+    processes.close()
+    leftovers = survivors(scratch)
+    if leftovers:
+        findings.append(f"processes still running after the stop: {leftovers}")
+    if keep:
+        say(f"kept {scratch}")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 

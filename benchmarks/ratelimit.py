@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -40,21 +39,25 @@ from typing import Any, Sequence
 import redis
 
 from benchmarks.common import (
-    findings_lines,
-    load_options,
-    run_and_save,
     ROOT,
     Processes,
+    cores_busy,
     cpu_plan,
     cpu_seconds,
-    cores_busy,
+    elapsed,
+    findings_lines,
     free_port,
     get,
     git_state,
+    interrupt,
+    load_options,
     load_tool,
+    run_and_save,
     run_load,
+    say,
     spread,
     start_upstream,
+    tear_down,
     wait_for_port,
 )
 
@@ -76,11 +79,7 @@ LABELS = {
 }
 OWN_COMMANDS = {"cmdstat_info"}  # the benchmark's own INFO calls
 
-started_at = time.monotonic()
 
-
-def say(text: str) -> None:
-    print(f"[{time.monotonic() - started_at:5.1f}s] {text}", flush=True)
 
 
 def gateway_config(port: int, redis_port: int, upstream_port: int, limits: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -193,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [],
         "findings": [],
     }
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    previous_term = signal.signal(signal.SIGTERM, interrupt)
     try:
         say(f"scratch {scratch}; load: {load_tool()}; cores: load/nginx/redis {load_cores or 'any'}, gateway {server_cores or 'any'}")
         redis_port = free_port()
@@ -298,36 +297,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             serious = [line for line in nginx_log.read_text(errors="replace").splitlines() if any(f"[{w}]" in line for w in ("error", "crit", "alert", "emerg"))]
             report["findings"] += [f"nginx error log: {line[:300]}" for line in serious[:10]]
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        processes.close()
-        leftovers = _survivors(scratch)
-        if leftovers:
-            report["findings"].append(f"processes still running after the stop: {leftovers}")
-        if args.keep:
-            say(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        tear_down(previous_term, processes, scratch, args.keep, report["findings"])
     report["summary"] = summarise(report)
     report["findings"] += check(report)
     return report
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _survivors(scratch: Path) -> list[str]:
-    """Processes whose command line mentions the scratch folder (there should be none)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(scratch) in command:
-                found.append(f"{entry}: {command.strip()[:120]}")
-    return found
 
 
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
@@ -499,7 +474,7 @@ def main() -> None:
     report, out = run_and_save("ratelimit", run, args, parser)
     print()
     print(table(report))
-    print(f"\nevery run: {out.relative_to(ROOT)}  (total {time.monotonic() - started_at:.0f}s)")
+    print(f"\nevery run: {out.relative_to(ROOT)}  (total {elapsed():.0f}s)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import sys
@@ -47,21 +46,24 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    findings_lines,
-    load_options,
-    run_and_save,
     NGINX,
     ROOT,
     Processes,
     cores_busy,
     cpu_plan,
     cpu_seconds,
+    elapsed,
+    findings_lines,
     free_port,
     git_state,
+    interrupt,
+    load_options,
     load_tool,
+    run_and_save,
     run_load,
+    say,
     spread,
-    survivors,
+    tear_down,
     wait_for_port,
 )
 
@@ -95,11 +97,7 @@ LABELS = {
 SANITIZING = ("b", "c")
 CONFIGS_FOR = {"clean": ("a", "b", "c", "d"), "markup": ("a", "b", "c", "d"), "mixed": ("a", "b", "c")}
 
-started_at = time.monotonic()
 
-
-def say(text: str) -> None:
-    print(f"[{time.monotonic() - started_at:5.1f}s] {text}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,7 +594,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError as exc:
         report["environment"]["engines"] = {"error": str(exc)}
     findings: list[str] = report["findings"]
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    previous_term = signal.signal(signal.SIGTERM, interrupt)
     try:
         sizes = ", ".join(f"{n} {len(b)} B" for n, b in body_bytes.items())
         say(f"scratch {scratch}; load: {load_tool()}; cores: load/upstreams {load_cores or 'any'}, gateways {server_cores or 'any'}; bodies {sizes}")
@@ -720,22 +718,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if recorder_log:
             findings.append(f"recorder log: {recorder_log[-500:]}")
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        processes.close()
-        leftovers = survivors(scratch)
-        if leftovers:
-            findings.append(f"processes still running after the stop: {leftovers}")
-        if args.keep:
-            say(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        tear_down(previous_term, processes, scratch, args.keep, findings)
     report["summary"] = summarise(report)
     findings += check(report)
     return report
 
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -906,7 +893,7 @@ def main() -> None:
     report, out = run_and_save("sanitize", run, args, parser)
     print()
     print(table(report))
-    print(f"\nevery run: {out.relative_to(ROOT)}  (total {time.monotonic() - started_at:.0f}s)")
+    print(f"\nevery run: {out.relative_to(ROOT)}  (total {elapsed():.0f}s)")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,9 @@ class Upstream(Settings):
     timeouts: Timeouts = Timeouts()
     retries: int = Field(1, ge=0, description="extra attempts on another target; idempotent methods, connect errors/502/503")
     max_connections: int = Field(100, gt=0)
-    keepalive_timeout: Duration = Field(15.0, ge=0, description="idle connections to the upstream are kept this long")
+    keepalive_timeout: Duration = Field(
+        4.0, ge=0, description="idle connections to the upstream are kept this long: below the upstream's own (Node and uvicorn close after 5 s)"
+    )
     preserve_host: bool = Field(False, description="send the client's Host instead of the target's")
     tls: UpstreamTls = UpstreamTls()
     health: Health = Health()

@@ -40,12 +40,13 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urljoin, urlsplit
 
 from multidict import CIMultiDict
 from pydantic import Field
 
 from gateway.errors import DependencyUnavailable
-from gateway.freshness import current_age, directives, freshness, storable
+from gateway.freshness import NO_STALE, current_age, directives, freshness, storable, surrogate_directives
 from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply
 from gateway.routing import BadPath, normalise_path, request_host
@@ -54,15 +55,22 @@ from gateway.settings import Duration, Settings, Size
 log = logging.getLogger("gateway")
 
 CACHEABLE = frozenset({"GET", "HEAD"})
-UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 §9.2.1; any other method invalidates (RFC 9111 §4.4)
 COMPRESS_OVER = 1024
 NOT_STORED_HEADERS = frozenset({"set-cookie", "age", "cache-status", "x-request-id", "connection", "keep-alive", "transfer-encoding"})
+# A 304 does not change what describes the stored bytes (RFC 9111 §3.2; the ETag it matched).
+KEEP_ON_UPDATE = frozenset({"content-length", "content-encoding", "content-range", "content-md5", "etag"})
 CACHE_NAME = "gateway"  # the cache's name in Cache-Status (RFC 9211 §2)
 CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
 ERROR_STATUSES = frozenset({500, 502, 503, 504})  # RFC 5861 §4: errors stale-if-error covers
 SEP = "\x00"  # between the parts of an index member (never in a normalised path, a query or a tag)
 PURGE_BATCH = 500
 LOCK_POLL = (0.01, 0.1)  # first and longest wait between looks for another gateway's entry
+
+
+def cache_control(headers: Any) -> dict[str, str | None]:
+    """Every Cache-Control line's directives (a list may be split over several lines)."""
+    return directives(", ".join(headers.getall("Cache-Control", [])))
 
 
 def _vary(headers: Any) -> list[str]:
@@ -73,6 +81,7 @@ def _vary(headers: Any) -> list[str]:
 class CacheSettings(Settings):
     ttl: Duration = Field(300.0, ge=0, description="freshness when the upstream gives none (or always, with override)")
     override: bool = Field(False, description="ttl wins over the upstream's Cache-Control and Expires; private/no-store responses are stored too")
+    heuristic: bool = Field(False, description="a response with Last-Modified and no freshness of its own is fresh for 10% of its age (at most 1 day) instead of ttl (RFC 9111 §4.2.2)")
     stale_while_revalidate: Duration = Field(0.0, ge=0, description="serve a stale entry this long after it expired while refreshing it in the background")
     stale_if_error: Duration = Field(0.0, ge=0, description="serve a stale entry this long after it expired when the upstream fails")
     key: tuple[Literal["user"], ...] = Field((), description="[user]: one entry per authenticated user")
@@ -80,6 +89,7 @@ class CacheSettings(Settings):
     ignore_query: bool = Field(False, description="the query is not part of the key")
     key_query: tuple[str, ...] | None = Field(None, description="only these query parameters are part of the key")
     allow_set_cookie: bool = Field(False, description="store responses with Set-Cookie (the cookie is never stored)")
+    surrogate_control: bool = Field(True, description="an upstream's Surrogate-Control decides storage and freshness here instead of its Cache-Control")
     max_entry_size: Size = Field(1024 * 1024, gt=0, description="larger bodies are not stored")
     local_size: Size = Field(64 * 1024 * 1024, ge=0, description="bytes of entries kept in the process in front of a shared store")
     lock_timeout: Duration = Field(5.0, gt=0, description="how long concurrent misses wait for the one upstream request")
@@ -95,6 +105,7 @@ class Entry:
     response_time: float
     lifetime: float
     public: bool
+    revalidate: bool = False  # §4.2.4: never served stale (must-revalidate, proxy-revalidate, s-maxage, no-cache)
 
     def encode(self) -> bytes:
         body, compressed = self.body, False
@@ -104,7 +115,7 @@ class Entry:
                 body, compressed = packed, True
         meta = {
             "s": self.status, "h": self.headers, "q": self.request_time, "r": self.response_time,
-            "l": self.lifetime, "p": self.public, "z": compressed,
+            "l": self.lifetime, "p": self.public, "m": self.revalidate, "z": compressed,
         }  # fmt: skip
         return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + body
 
@@ -114,7 +125,7 @@ class Entry:
         meta = json.loads(head)
         if meta["z"]:
             body = zlib.decompress(body)
-        return cls(meta["s"], [tuple(h) for h in meta["h"]], body, meta["q"], meta["r"], meta["l"], meta["p"])  # type: ignore[misc]
+        return cls(meta["s"], [tuple(h) for h in meta["h"]], body, meta["q"], meta["r"], meta["l"], meta["p"], meta.get("m", False))  # type: ignore[misc]
 
     def age(self, now: float) -> float:
         return current_age(dict(self.headers), self.request_time, self.response_time, now)
@@ -201,9 +212,11 @@ class CachePolicy(Policy):
     def _url(self, exchange: Exchange) -> str:
         return f"{exchange.path}{SEP}{self._query(exchange.query)}"
 
-    def _key(self, exchange: Exchange) -> str:
+    def _key(self, exchange: Exchange, path: str | None = None, query: str | None = None) -> str:
+        """The key of the exchange's URI, or of another path and query on the same host."""
         request = exchange.request
-        parts = [request_host(request.headers.get("Host", "")) if self.key_host else "", exchange.path, self._query(exchange.query)]
+        path, query = (exchange.path, exchange.query) if path is None else (path, query or "")
+        parts = [request_host(request.headers.get("Host", "")) if self.key_host else "", path, self._query(query)]
         parts += [request.headers.get(name, "") for name in self.key_headers]
         if "user" in self.settings.key:
             parts.append(exchange.subject or "")
@@ -286,12 +299,12 @@ class CachePolicy(Policy):
 
     async def on_request(self, exchange: Exchange) -> Reply | None:
         method = exchange.method
-        if method in UNSAFE:
+        if method not in SAFE:
             exchange.state["cache_invalidate"] = self._key(exchange)
             return None
         if method not in CACHEABLE:
             return None
-        request_cc = directives(exchange.request.headers.get("Cache-Control"))
+        request_cc = cache_control(exchange.request.headers)
         key = self._key(exchange)
         lookup = Lookup(key, self._url(exchange), None)
         exchange.state["cache"] = lookup
@@ -309,7 +322,7 @@ class CachePolicy(Policy):
                     return self._hit(exchange, lookup, entry, age, entry.lifetime - age)
                 stale_for = age - entry.lifetime
                 lookup.entry = entry
-                if stale_for < self.settings.stale_while_revalidate and "no-cache" not in request_cc:
+                if stale_for < self.settings.stale_while_revalidate and not entry.revalidate and "no-cache" not in request_cc:
                     self._refresh_in_background(exchange, key, entry)
                     lookup.status.append("fwd=stale")
                     return self._hit(exchange, lookup, entry, age, entry.lifetime - age)
@@ -420,7 +433,7 @@ class CachePolicy(Policy):
                 async with upstream.forward(background, None) as response:
                     if response.status == 304 and (etag or modified):
                         await self._store(key, url, request_headers, Reply(entry.status, self._updated(entry, response.headers), entry.body), started, "GET")
-                    elif self._storable(request_headers, response.status, response.headers, response.content_length):
+                    elif self._storable(request_headers, response.status, response.headers, _length(response.status, response)):
                         reply = Reply(response.status, CIMultiDict(response.headers), await response.read())
                         await self._store(key, url, request_headers, reply, started, "GET")
             except Exception as exc:  # a failed refresh leaves the stale entry; the next request retries
@@ -440,7 +453,7 @@ class CachePolicy(Policy):
         invalidate = exchange.state.get("cache_invalidate")
         if invalidate is not None:
             if 200 <= reply.status < 400:
-                await self._invalidate(invalidate)
+                await self._invalidate(invalidate, *self._named_uris(exchange, reply))
             return
         lookup: Lookup | None = exchange.state.get("cache")
         if lookup is None:
@@ -453,7 +466,7 @@ class CachePolicy(Policy):
                 return
             if reply.status in ERROR_STATUSES and lookup.entry is not None and self._stale_on_error(lookup, reply.status, reply):
                 return
-            content_length = reply.upstream.content_length if reply.upstream is not None else None
+            content_length = _length(reply.status, reply.upstream)
             if content_length is None or content_length > self.settings.max_entry_size:
                 lookup.status.append("detail=not-stored")
                 return
@@ -472,19 +485,28 @@ class CachePolicy(Policy):
         """Whether a GET's response may be stored (RFC 9111 §3), with the route's settings."""
         if content_length is None or content_length > self.settings.max_entry_size:
             return False
-        request_cc = directives(request_headers.get("Cache-Control"))
-        response_cc = directives(headers.get("Cache-Control"))
+        request_cc = cache_control(request_headers)
+        response_cc = self._response_cc(headers)
         has_authorization = "Authorization" in request_headers and "user" not in self.settings.key
         if "*" in _vary(headers):
             return False
-        return storable(status, "GET", request_cc, response_cc, has_authorization, "Set-Cookie" in headers, self.settings.allow_set_cookie, self.settings.override)
+        return storable(
+            status, "GET", request_cc, response_cc, has_authorization, "Set-Cookie" in headers,
+            self.settings.allow_set_cookie, self.settings.override, has_expires="Expires" in headers,
+        )  # fmt: skip
+
+    def _response_cc(self, headers: Any) -> dict[str, str | None]:
+        """The directives this cache obeys: the upstream's Surrogate-Control when it sent one
+        (this gateway is a surrogate), else its Cache-Control."""
+        surrogate = headers.get("Surrogate-Control") if self.settings.surrogate_control else None
+        return surrogate_directives(surrogate) if surrogate else cache_control(headers)
 
     def _stale_on_error(self, lookup: Lookup, status: int, reply: Reply) -> bool:
         """stale_if_error for an upstream that answered 500/502/503/504: the stale entry instead."""
         entry = lookup.entry
         assert entry is not None
         age = entry.age(self.wall())
-        if age - entry.lifetime >= self.settings.stale_if_error:
+        if entry.revalidate or age - entry.lifetime >= self.settings.stale_if_error:
             return False
         if reply.upstream is not None:
             reply.upstream.release()
@@ -506,7 +528,7 @@ class CachePolicy(Policy):
         if entry is None:
             return None
         age = entry.age(self.wall())
-        if age - entry.lifetime < self.settings.stale_if_error:
+        if not entry.revalidate and age - entry.lifetime < self.settings.stale_if_error:
             lookup.status = ["hit", "fwd=stale", f"fwd-status={getattr(error, 'status', 502)}", f"ttl={int(entry.lifetime - age)}"]
             self._count("stale")
             headers = CIMultiDict(entry.headers)
@@ -517,9 +539,10 @@ class CachePolicy(Policy):
     async def _store(self, key: str, url: str, request_headers: Any, reply: Reply, request_time: float, method: str) -> bool:
         if method == "HEAD":
             return False  # a HEAD's answer has no body to store
-        response_cc = directives(reply.headers.get("Cache-Control"))
+        response_cc = self._response_cc(reply.headers)
         now = self.wall()
-        fresh = freshness(reply.headers, response_cc, reply.status, now, self.settings.ttl, self.settings.override)
+        ttl = None if self.settings.heuristic and "Last-Modified" in reply.headers else self.settings.ttl
+        fresh = freshness(reply.headers, response_cc, reply.status, now, ttl, self.settings.override)
         keep_for = fresh.lifetime + max(self.settings.stale_while_revalidate, self.settings.stale_if_error)
         if keep_for <= 0 and not (reply.headers.get("ETag") or reply.headers.get("Last-Modified")):
             return False
@@ -528,7 +551,8 @@ class CachePolicy(Policy):
         age = reply.headers.get("Age")
         if age is not None:  # the upstream's Age is part of the entry's age (§4.2.3); hits replace it
             headers.append(("Age", age))
-        entry = Entry(reply.status, headers, reply.body, request_time, now, fresh.lifetime, fresh.public)
+        revalidate = not self.settings.override and any(name in response_cc for name in NO_STALE)
+        entry = Entry(reply.status, headers, reply.body, request_time, now, fresh.lifetime, fresh.public, revalidate)
         ttl = keep_for + 60.0  # kept a little past usefulness, for revalidation
         generation = ""
         if vary:
@@ -577,12 +601,15 @@ class CachePolicy(Policy):
 
     @staticmethod
     def _updated(entry: Entry, headers: Any) -> CIMultiDict[str]:
-        """§4.3.4: a 304's headers update the stored ones (its Age replaces the stored one)."""
+        """§4.3.4: a 304's fields replace the stored ones of the same name (its Age replaces the
+        stored one), except those that describe the stored bytes (§3.2)."""
         updated = CIMultiDict(entry.headers)
         updated.popall("Age", None)
-        for name, value in headers.items():
-            if name.lower() not in NOT_STORED_HEADERS and name.lower() != "content-length":
-                updated[name] = value
+        names = {name.lower(): name for name in headers}
+        for lower, name in names.items():
+            if lower not in NOT_STORED_HEADERS and lower not in KEEP_ON_UPDATE:
+                updated.popall(name, None)
+                updated.extend((name, value) for value in headers.getall(name))
         if "Age" in headers:
             updated["Age"] = headers["Age"]
         return updated
@@ -603,9 +630,26 @@ class CachePolicy(Policy):
         if _not_modified(exchange.request.headers, Entry(entry.status, list(reply.headers.items()), b"", 0, 0, 0, False)):
             reply.status, reply.body = 304, b""
 
-    async def _invalidate(self, key: str) -> None:
+    def _named_uris(self, exchange: Exchange, reply: Reply) -> list[str]:
+        """§4.4: the keys of the same-host URIs a write's Location and Content-Location name."""
+        keys = []
+        host = request_host(exchange.request.headers.get("Host", ""))
+        for name in ("Location", "Content-Location"):
+            value = reply.headers.get(name)
+            if not value:
+                continue
+            target = urlsplit(urljoin(exchange.path, value))  # relative references too
+            if target.netloc and request_host(target.netloc) != host:
+                continue  # another origin's URI is not this cache's to invalidate
+            try:
+                keys.append(self._key(exchange, normalise_path(target.path or "/"), target.query))
+            except BadPath:
+                continue
+        return keys
+
+    async def _invalidate(self, *keys: str) -> None:
         # Variants are found through the Vary index only: without it, none is ever found again.
-        await self._delete(key, key + ":vary")
+        await self._delete(*(name for key in keys for name in (key, key + ":vary")))
 
     def _land(self, lookup: Lookup) -> None:
         flight = lookup.flight
@@ -668,6 +712,13 @@ class Purge:
         return cls(kind, path, query if question else None)  # type: ignore[arg-type]
 
 
+def _length(status: int, response: Any) -> int | None:
+    """The body's length when known before reading it (a 204 has none to read)."""
+    if status == 204:
+        return 0
+    return response.content_length if response is not None else None
+
+
 def _not_modified(request_headers: Any, entry: Entry) -> bool:
     """RFC 9110 §13.1.1/§13.1.3: whether a conditional GET is answered 304 by this entry."""
     etag = entry.header("ETag")
@@ -678,7 +729,7 @@ def _not_modified(request_headers: Any, entry: Entry) -> bool:
         wanted = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
         return "*" in wanted or etag.removeprefix("W/") in wanted
     since = request_headers.get("If-Modified-Since")
-    modified = entry.header("Last-Modified")
+    modified = entry.header("Last-Modified") or entry.header("Date")  # §4.3.2: Date stands in
     if since and modified:
         from email.utils import parsedate_to_datetime
 
