@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import RedisServer, Upstream, assert_problem
-from tests.test_cache import Answer, cached, fetch, numbered, on_redis
+from tests.test_cache import Answer, cached, eventually_async, fetch, numbered, on_redis
 
 STORES = ["memory", "redis"]
 
@@ -230,3 +230,65 @@ async def test_a_gateway_fetches_itself_when_redis_is_down(upstream, start_gatew
     assert {a.status for a in answers} == {200}
     assert len(upstream.requests) == 1  # the process's own single flight still holds
     redis_server.start()
+
+
+# -- hits from the process's own copy, removals over pub/sub ---------------------------------------
+
+
+def command_calls(server: RedisServer, *commands: str) -> int:
+    stats = server.command("INFO", "commandstats").decode()
+    return sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines() if line.startswith(tuple(f"cmdstat_{c}:" for c in commands)))
+
+
+async def subscribed(gateway: Any, live: bool = True) -> None:
+    """Until the gateway's pub/sub subscription is up (or, live=False, seen lost)."""
+    news = gateway.gateway.runtime.context.resources["cache_news"]
+
+    async def reached() -> bool:
+        return news.live is live
+
+    await eventually_async(reached)
+
+
+async def test_with_redis_a_fresh_hit_is_answered_from_the_process_copy_without_a_redis_read(upstream, start_gateway, client, redis_server) -> None:
+    numbered(upstream, {"Cache-Control": "max-age=60"})
+    gateway = await start_gateway(on_redis(cached(upstream.url), redis_server))
+    await subscribed(gateway)
+    await warm(client, gateway.url, "/doc")
+    reads = command_calls(redis_server, "get", "mget")
+    assert await hits(client, gateway.url, *["/doc"] * 5) == [True] * 5
+    assert command_calls(redis_server, "get", "mget") == reads
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("how", ["write", "purge"])
+async def test_a_removal_through_one_gateway_reaches_the_others_process_copies(how: str, upstream, start_gateway, client, redis_server) -> None:
+    numbered(upstream, {"Cache-Control": "max-age=60"})
+    config = on_redis(cached(upstream.url), redis_server)
+    one, two = await start_gateway(config), await start_gateway(config)
+    await subscribed(two)
+    await warm(client, one.url, "/doc")
+    assert await hits(client, two.url, "/doc", "/doc") == [True, True]  # the second from two's own copy
+    if how == "write":
+        assert (await fetch(client, one.url + "/doc", method="POST", data=b"x")).status == 200
+    else:
+        assert await purge(client, one.admin_url, {"url": "/doc"}) == (200, {"purged": 1})
+
+    async def missed() -> bool:
+        return not (await fetch(client, two.url + "/doc")).hit
+
+    await eventually_async(missed)
+
+
+async def test_after_redis_comes_back_the_process_copies_are_dropped_and_refilled(upstream, start_gateway, client, redis_server) -> None:
+    numbered(upstream, {"Cache-Control": "max-age=60"})
+    gateway = await start_gateway(on_redis(cached(upstream.url), redis_server))
+    await subscribed(gateway)
+    await warm(client, gateway.url, "/doc")
+    redis_server.stop()
+    await subscribed(gateway, live=False)
+    assert await hits(client, gateway.url, "/doc") == [True]  # the process's copy while Redis is down
+    redis_server.start()  # empty: removals made meanwhile would be unknown
+    await subscribed(gateway)
+    after = await fetch(client, gateway.url + "/doc")
+    assert not after.hit and after.status == 200

@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -150,33 +151,110 @@ class Lookup:
 
 
 class LocalLayer:
-    """An in-process LRU of encoded entries, bounded in bytes."""
+    """An in-process LRU of encoded entries (and, once read, their decoded form), bounded in
+    bytes: an entry counts its encoded bytes and its decoded body."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
-        self.items: OrderedDict[str, bytes] = OrderedDict()
+        self.items: OrderedDict[str, tuple[bytes, Entry | None]] = OrderedDict()
 
     def get(self, key: str) -> bytes | None:
-        raw = self.items.get(key)
-        if raw is not None:
-            self.items.move_to_end(key)
-        return raw
+        item = self.items.get(key)
+        if item is None:
+            return None
+        self.items.move_to_end(key)
+        return item[0]
+
+    def entry(self, key: str) -> Entry | None:
+        """The decoded entry (decoded once, then kept)."""
+        item = self.items.get(key)
+        if item is None:
+            return None
+        self.items.move_to_end(key)
+        raw, entry = item
+        if entry is None:
+            try:
+                entry = Entry.decode(raw)
+            except (ValueError, KeyError, zlib.error):
+                return None
+            self.items[key] = (raw, entry)
+            self._grow(len(entry.body))
+        return entry
 
     def put(self, key: str, raw: bytes) -> None:
         self.drop(key)
         if len(raw) > self.capacity:
             return
-        self.items[key] = raw
-        self.used += len(raw)
-        while self.used > self.capacity:
-            _, old = self.items.popitem(last=False)
-            self.used -= len(old)
+        self.items[key] = (raw, None)
+        self._grow(len(raw))
 
     def drop(self, key: str) -> None:
-        old = self.items.pop(key, None)
-        if old is not None:
-            self.used -= len(old)
+        item = self.items.pop(key, None)
+        if item is not None:
+            self.used -= _size(item)
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.used = 0
+
+    def _grow(self, size: int) -> None:
+        self.used += size
+        while self.used > self.capacity and self.items:
+            _, old = self.items.popitem(last=False)
+            self.used -= _size(old)
+
+
+def _size(item: tuple[bytes, Entry | None]) -> int:
+    raw, entry = item
+    return len(raw) + (len(entry.body) if entry is not None else 0)
+
+
+class CacheNews:
+    """Invalidations between the gateway processes that share one Redis, over pub/sub: each
+    removal (a write's invalidation, a purge) is published, and every process drops those keys
+    from its local layers. While subscribed, a process answers fresh entries from its local
+    layer without asking Redis; after a lost subscription (messages may have been missed) the
+    layers are emptied, and until it is back lookups ask Redis first.
+
+    One per config generation, shared by the routes' cache policies."""
+
+    CHANNEL = "c:removed"
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.layers: list[LocalLayer] = []
+        self.live = False
+        self.epoch = 0  # moves on every removal and state change: a read that saw it move is not kept
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.store.listen(self.CHANNEL, self._removed, self._state))
+
+    async def publish(self, keys: tuple[str, ...]) -> None:
+        try:
+            await self.store.publish(self.CHANNEL, "\n".join(keys).encode())
+        except DependencyUnavailable:
+            pass  # the others' copies expire with their freshness
+
+    def _removed(self, message: bytes) -> None:
+        self.epoch += 1
+        for key in message.decode().split("\n"):
+            for layer in self.layers:
+                layer.drop(key)
+
+    def _state(self, live: bool) -> None:
+        self.epoch += 1
+        if live and not self.live:
+            for layer in self.layers:  # what was published while not subscribed is unknown
+                layer.clear()
+        self.live = live
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
 
 class CachePolicy(Policy):
@@ -189,6 +267,10 @@ class CachePolicy(Policy):
         self.store = context.store
         self.route = context.route or UNMATCHED
         self.local = LocalLayer(settings.local_size) if context.store.shared and settings.local_size else None
+        self.news: CacheNews | None = None
+        if self.local is not None and context.store.broadcasts:
+            self.news = context.shared("cache_news", lambda: CacheNews(context.store))
+            self.news.layers.append(self.local)
         self.flights: dict[str, asyncio.Future[None]] = {}
         self.refreshing: set[asyncio.Task[None]] = set()
         self.key_headers = tuple(settings.key_headers)
@@ -248,14 +330,15 @@ class CachePolicy(Policy):
     # -- storage -------------------------------------------------------------------------------
 
     async def _get(self, *keys: str) -> list[bytes | None]:
-        """Values in one store round trip (a route's keys share its hash tag). The shared store
-        first: an entry another process invalidated (or replaced) must not be answered from this
-        process's copy. The local layer answers when the store fails."""
+        """Values in one store round trip (a route's keys share its hash tag), kept in the local
+        layer. The local layer answers when the store fails."""
+        epoch = self.news.epoch if self.news is not None else 0
         try:
             found = await self.store.get_many(*keys)
         except DependencyUnavailable:
             return [self.local.get(key) if self.local is not None else None for key in keys]
-        if self.local is not None:
+        if self.local is not None and (self.news is None or self.news.epoch == epoch):
+            # (Not when a removal arrived meanwhile: what was read may be what it removed.)
             for key, raw in zip(keys, found):
                 if raw is not None:
                     self.local.put(key, raw)
@@ -278,7 +361,19 @@ class CachePolicy(Policy):
         try:
             await self.store.delete(*keys)
         except DependencyUnavailable:
-            pass
+            return
+        if self.news is not None:
+            await self.news.publish(keys)
+
+    def _find_local(self, key: str, headers: Any) -> tuple[str, Entry] | None:
+        """The entry this process holds for the request, when it may answer without Redis."""
+        if self.news is None or not self.news.live:
+            return None
+        assert self.local is not None
+        vary, generation = self._index(self.local.get(key + ":vary"))
+        variant = self._variant(key, vary, headers, generation)
+        entry = self.local.entry(variant)
+        return (variant, entry) if entry is not None else None
 
     async def _find(self, key: str, headers: Any) -> tuple[str | None, Entry | None]:
         # The Vary index and the entry stored without Vary in one round trip; a variant takes a
@@ -312,6 +407,12 @@ class CachePolicy(Policy):
             lookup.status.append("fwd=bypass")
             return None
         authorized = "Authorization" in exchange.request.headers and "user" not in self.settings.key
+        found = self._find_local(key, exchange.request.headers) if "no-cache" not in request_cc else None
+        if found is not None and not (authorized and not found[1].public):
+            lookup.variant, entry = found
+            age = entry.age(self.wall())
+            if age < entry.lifetime:  # a fresh copy in the process: no store round trip
+                return self._hit(exchange, lookup, entry, age, entry.lifetime - age)
         for _ in range(2):  # a second look after waiting for another request's fetch
             variant, entry = await self._find(key, exchange.request.headers)
             lookup.variant = variant
@@ -596,6 +697,8 @@ class CachePolicy(Policy):
                     self.local.drop(key)
             if keys:
                 purged += await self.store.delete(*keys)
+                if self.news is not None:
+                    await self.news.publish(tuple(keys))
             if len(members) < PURGE_BATCH:
                 return purged
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 Algorithm = Literal["fixed_window", "sliding_window", "token_bucket"]
 
@@ -45,6 +45,7 @@ class Store(ABC):
 
     name: str  # "memory", "redis"; shown by `gateway check` and /readyz
     shared: bool  # True when every gateway process sees the same state
+    broadcasts: bool = False  # True when publish() reaches every process's listen()
 
     @abstractmethod
     async def get(self, key: str) -> bytes | None:
@@ -92,6 +93,16 @@ class Store(ABC):
     @abstractmethod
     async def ping(self) -> float:
         """Seconds one round trip takes; raises DependencyUnavailable when the store is down."""
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Send a message to every process listening on the channel (stores that broadcast)."""
+        raise NotImplementedError(f"the {self.name} store does not broadcast")
+
+    async def listen(self, channel: str, on_message: Callable[[bytes], None], on_state: Callable[[bool], None]) -> None:
+        """Until cancelled: ``on_message`` for each message published on the channel;
+        ``on_state(True)`` once subscribed (messages from then on arrive) and ``on_state(False)``
+        whenever messages may be missed from then on (the connection is lost)."""
+        raise NotImplementedError(f"the {self.name} store does not broadcast")
 
     async def close(self) -> None:
         """Release connections and tasks."""

@@ -13,6 +13,7 @@ decision share a ``{hash tag}``, so the same script runs on Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
@@ -22,6 +23,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
 
 from gateway.errors import DependencyUnavailable
 from gateway.stores.base import Hit, Outcome, Store
@@ -37,6 +39,8 @@ local value = redis.call("INCRBY", KEYS[1], ARGV[1])
 if redis.call("PTTL", KEYS[1]) == -1 then redis.call("PEXPIRE", KEYS[1], ARGV[2]) end
 return value
 """
+LISTEN_PING = 5.0  # seconds without a message before the subscriber's connection is checked
+RESUBSCRIBE_PAUSE = 1.0
 INDEX_EXPIRY = ":exp"  # an index's companion sorted set: its members by expiry time
 PRUNE_PER_ADD = 64
 CONNECT_TIMEOUT = 1.0  # a new connection may take longer than one command
@@ -94,6 +98,8 @@ class RedisStore(Store):
         self._incr = self.client.register_script(INCR_SCRIPT)
         self._index_add = self.client.register_script((LUA / "index_add.lua").read_text())
         self._index_take = self.client.register_script((LUA / "index_take.lua").read_text())
+        # Pub/sub on one server (redis.url); a cluster's or Sentinel's clients do not subscribe here.
+        self.broadcasts = client is None and bool(getattr(settings, "url", None)) and not settings.cluster_nodes and settings.sentinel is None
 
     async def _call(self, command: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
@@ -177,6 +183,36 @@ class RedisStore(Store):
         keys = [self._key(index), self._key(index + INDEX_EXPIRY)]
         found = await self._call("index_take", lambda: self._index_take(keys=keys, args=[_encode(prefix), count]))
         return [member.decode("utf-8", "surrogateescape") for member in found]
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self._call("publish", lambda: self.client.publish(self._key(channel), message))
+
+    async def listen(self, channel: str, on_message: Callable[[bytes], None], on_state: Callable[[bool], None]) -> None:
+        # A connection of its own, without the command timeout: it waits for messages, and is
+        # checked with a PING after LISTEN_PING quiet seconds instead.
+        client = aioredis.Redis.from_url(self.settings.url, socket_connect_timeout=max(self.timeout, CONNECT_TIMEOUT), socket_keepalive=True)
+        try:
+            while True:
+                pubsub = client.pubsub()
+                try:
+                    await pubsub.subscribe(self._key(channel))
+                    while True:
+                        message = await pubsub.get_message(timeout=LISTEN_PING)
+                        if message is None:
+                            await asyncio.wait_for(pubsub.ping(), LISTEN_PING)
+                        elif message["type"] == "subscribe":
+                            on_state(True)
+                        elif message["type"] == "message":
+                            on_message(message["data"])
+                except (RedisError, OSError, asyncio.TimeoutError):
+                    pass
+                finally:
+                    on_state(False)
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                await asyncio.sleep(RESUBSCRIBE_PAUSE)
+        finally:
+            await client.aclose()
 
     async def ping(self) -> float:
         started = time.perf_counter()
