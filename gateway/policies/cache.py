@@ -19,11 +19,12 @@
   and refreshed in the background; within ``stale_if_error`` it answers when the upstream fails.
 - Concurrent misses for one key make one upstream request: the others wait for it (single
   flight in the process, bounded by ``lock_timeout``).
-- A successful POST, PUT, PATCH or DELETE removes the entries of its URI (§4.4).
+- A successful request of a method that is not safe removes the entries of its URI and of the
+  same-host URIs its Location and Content-Location name (§4.4).
 - Storage: the gateway's store (Redis when configured, shared by every gateway process and kept
   across restarts; else the embedded memory store). With a shared store each process also keeps
-  an LRU copy bounded in bytes, which answers only when the store fails (lookups ask the store
-  first, so a write through one gateway invalidates for all). Bodies over 1 KiB are compressed;
+  an LRU copy bounded in bytes, which answers fresh hits without a store read while removals
+  reach it over pub/sub (:class:`CacheNews`), and answers when the store fails. Bodies over 1 KiB are compressed;
   entries over ``max_entry_size`` (and responses without Content-Length) are not stored. When
   the store fails, the local copy answers or the request goes upstream: never a 5xx.
 """
