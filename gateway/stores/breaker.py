@@ -25,7 +25,7 @@ class CircuitBreaker:
         name: str,
         failures: int = 3,
         cooldown: float = 1.0,
-        max_cooldown: float = 15.0,
+        max_cooldown: float = 4.0,  # a probe costs one request one timeout; sharing resumes within seconds
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name

@@ -23,6 +23,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.errors import DependencyUnavailable
@@ -121,6 +122,12 @@ class RedisStore(Store):
             # must hear of it.
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.breaker.failed(reason)
+            if isinstance(exc, (RedisConnectionError, ConnectionError)) and isinstance(self.client, aioredis.Redis):
+                # The server closed this connection (a crash or restart closes them all): the
+                # pool's idle connections are as dead, and redis-py would hand each out once
+                # more after Redis is back, failing a command and opening the breaker again.
+                # Timeouts keep them: a slow Redis is not a reason to reconnect.
+                await self.client.connection_pool.disconnect(inuse_connections=False)
             raise DependencyUnavailable(f"redis: {reason}") from exc
         finally:
             if self.on_call is not None:
