@@ -430,11 +430,12 @@ def interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def tear_down(previous_term: Any, processes: "Processes", scratch: Path, keep: bool, findings: list[str]) -> None:
+def tear_down(previous_term: Any, processes: "Processes | None", scratch: Path, keep: bool, findings: list[str]) -> None:
     """The end of every run: each process it started stops, any left running is a finding, and
     the scratch folder goes (unless kept)."""
     signal.signal(signal.SIGTERM, previous_term)
-    processes.close()
+    if processes is not None:
+        processes.close()
     leftovers = survivors(scratch)
     if leftovers:
         findings.append(f"processes still running after the stop: {leftovers}")
@@ -628,13 +629,18 @@ def run_and_save(name: str, run: Any, args: Any, parser: Any) -> tuple[dict[str,
     except KeyboardInterrupt:
         print("\ninterrupted; everything started was stopped", file=sys.stderr)
         sys.exit(130)
+    return report, save_report(name, report)
+
+
+def save_report(name: str, report: dict[str, Any]) -> Path:
+    """benchmarks/results/<name>-<timestamp>.json (the folder ignores its JSON files)."""
     RESULTS.mkdir(exist_ok=True)
     ignore = RESULTS / ".gitignore"
     if not ignore.exists():
         ignore.write_text("*.json\n")
     out = RESULTS / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return report, out
+    return out
 
 
 def findings_lines(report: dict[str, Any], none: str) -> list[str]:

@@ -48,7 +48,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -59,7 +58,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from benchmarks.common import ROOT, Processes, cpu_plan, findings_lines, free_port, git_state, survivors
+from benchmarks.common import ROOT, Processes, cpu_plan, elapsed, findings_lines, free_port, git_state, interrupt, save_report, say, tear_down
 
 RESULTS = ROOT / "benchmarks" / "results"
 SCENARIOS = ("redis-kill", "redis-slow", "upstream-kill", "upstream-hang", "reload")
@@ -69,11 +68,7 @@ REQUEST_TIMEOUT = 10.0  # the load's own bound on one request
 RESUME_TIMEOUT = 30.0  # how long to wait for shared state or a target to come back
 STALL_MS = 2000.0  # a request slower than this while Redis fails or returns is a finding
 
-started_at = time.monotonic()
 
-
-def say(text: str) -> None:
-    print(f"[{time.monotonic() - started_at:5.1f}s] {text}", flush=True)
 
 
 # -- the upstream ---------------------------------------------------------------------------------
@@ -665,7 +660,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scenarios": {},
         "findings": [],
     }
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    previous_term = signal.signal(signal.SIGTERM, interrupt)
     try:
         try:
             import uvloop
@@ -674,19 +669,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except ImportError:
             asyncio.run(run_all(args, scratch, report))
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        leftovers = survivors(scratch)
-        if leftovers:
-            report["findings"].append(f"processes still running after the stop: {leftovers}")
-        if args.keep:
-            say(f"kept {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        tear_down(previous_term, None, scratch, args.keep, report["findings"])
     return report
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def table(report: dict[str, Any]) -> str:
@@ -742,15 +726,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\ninterrupted; everything started was stopped", file=sys.stderr)
         sys.exit(130)
-    RESULTS.mkdir(exist_ok=True)
-    ignore = RESULTS / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("*.json\n")
-    out = RESULTS / f"faults-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out = save_report("faults", report)
     print()
     print(table(report))
-    print(f"\nevery run: {out.relative_to(ROOT)}  (total {time.monotonic() - started_at:.0f}s)")
+    print(f"\nevery run: {out.relative_to(ROOT)}  (total {elapsed():.0f}s)")
 
 
 if __name__ == "__main__":
