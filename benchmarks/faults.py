@@ -60,7 +60,6 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from benchmarks.common import ROOT, Processes, cpu_plan, elapsed, findings_lines, free_port, git_state, interrupt, save_report, say, tear_down
 
-RESULTS = ROOT / "benchmarks" / "results"
 SCENARIOS = ("redis-kill", "redis-slow", "upstream-kill", "upstream-hang", "reload")
 PHASES = ("before", "during", "after")
 QUOTA = 5  # the per-client limit the sharing probes use up

@@ -11,18 +11,15 @@ import asyncio
 import base64
 import collections
 import signal
-import socket
-import subprocess
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 from jwcrypto import jwk
 from jwcrypto import jwt as jwc_jwt
 
-from tests.conftest import GatewayProcess, RedisServer, assert_problem, base_config, free_port
+from tests.conftest import GatewayProcess, RedisServer, assert_problem, base_config
 
 LONG_WINDOW = "1h"  # no window ends, no token comes back, while a test runs
 QUOTA = 50
@@ -173,66 +170,6 @@ async def test_when_redis_dies_under_load_local_limits_apply_without_a_5xx_and_r
 
 
 # -- 3. Redis Cluster -------------------------------------------------------------------------
-
-
-def cluster_port(taken: set[int]) -> int:
-    """A free port P whose cluster bus port P+10000 is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port + 10000 > 65535 or port in taken or port + 10000 in taken:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
-def start_cluster_node(port: int, directory: Path) -> RedisServer:
-    node = RedisServer(port, directory)
-    node.process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-         "--cluster-config-file", f"nodes-{port}.conf", "--save", "", "--appendonly", "no",
-         "--dir", str(directory), "--protected-mode", "no", "--loglevel", "warning"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if node.command("PING").startswith(b"+PONG"):
-                return node
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"cluster node on {port} did not start")
-
-
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
-    """Three masters, all slots assigned, cluster_state:ok on every node; killed at the end."""
-    nodes: list[RedisServer] = []
-    try:
-        taken: set[int] = set()
-        for _ in range(3):
-            port = cluster_port(taken)
-            taken |= {port, port + 10000}
-            nodes.append(start_cluster_node(port, tmp_path))
-        created = subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True,
-            timeout=60,
-        )
-        assert created.returncode == 0, created.stdout.decode() + created.stderr.decode()
-        deadline = time.monotonic() + 20
-        while not all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in nodes):
-            assert time.monotonic() < deadline, "the cluster did not reach cluster_state:ok"
-            time.sleep(0.05)
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 def dbsize(node: RedisServer) -> int:
