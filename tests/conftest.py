@@ -338,7 +338,8 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), "--protected-mode", "no", "--loglevel", "warning"],
+             "--dir", str(self.directory), "--protected-mode", "no", "--loglevel", "warning",
+             "--enable-debug-command", "local"],  # DEBUG SLEEP makes a slow Redis (tests/test_faults.py)
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -176,35 +176,6 @@ def fd_count(pid: int) -> int:
 # -- fixtures of this file ----------------------------------------------------------------------------
 
 
-class DebuggableRedis(RedisServer):
-    """The fixture's redis-server, also taking DEBUG from loopback (Redis 7 refuses it by default)."""
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), "--protected-mode", "no", "--loglevel", "warning",
-             "--enable-debug-command", "local"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.command("PING").startswith(b"+PONG"):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-
-@pytest.fixture
-def debuggable_redis(tmp_path: Any) -> Iterator[DebuggableRedis]:
-    server = DebuggableRedis(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def upstream_processes() -> Iterator[Callable[[], tuple[str, subprocess.Popen[bytes]]]]:
     """Starts upstreams in processes of their own: (url, process); all are killed at the end."""
@@ -362,20 +333,20 @@ async def _redis_up(session: aiohttp.ClientSession, process: GatewayProcess, val
 # -- 2. Redis made slow ----------------------------------------------------------------------------------
 
 
-async def test_a_redis_slower_than_its_timeout_opens_the_breaker_keeps_every_request_quick_and_redis_decides_again_after(upstream, gateway_process, debuggable_redis) -> None:
+async def test_a_redis_slower_than_its_timeout_opens_the_breaker_keeps_every_request_quick_and_redis_decides_again_after(upstream, gateway_process, redis_server) -> None:
     stall = 3.0
-    config = limited_and_cached(upstream.url, debuggable_redis.url, timeout="200ms")
+    config = limited_and_cached(upstream.url, redis_server.url, timeout="200ms")
     process = gateway_process(config)
     load = shop_load([process.url], workers=4)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as admin:
         async with running(load):
             await asyncio.sleep(0.5)
-            assert command_stat(debuggable_redis, "evalsha") > 0
+            assert command_stat(redis_server, "evalsha") > 0
             opened_before = await metric(admin, process, "redis_circuit_transitions_total", state="open")
 
             sleeper = await asyncio.create_subprocess_exec(
-                "redis-cli", "-p", str(debuggable_redis.port), "DEBUG", "SLEEP", str(stall),
+                "redis-cli", "-p", str(redis_server.port), "DEBUG", "SLEEP", str(stall),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             stalled = time.monotonic()
@@ -392,9 +363,9 @@ async def test_a_redis_slower_than_its_timeout_opens_the_breaker_keeps_every_req
                 if await metric(admin, process, "redis_up") != 1:
                     return False
                 fallbacks = await metric(admin, process, "store_fallback_decisions_total", mode="memory")
-                calls = command_stat(debuggable_redis, "evalsha")
+                calls = command_stat(redis_server, "evalsha")
                 await asyncio.sleep(0.5)
-                return await metric(admin, process, "store_fallback_decisions_total", mode="memory") == fallbacks and command_stat(debuggable_redis, "evalsha") > calls
+                return await metric(admin, process, "store_fallback_decisions_total", mode="memory") == fallbacks and command_stat(redis_server, "evalsha") > calls
 
             back_after = await eventually(on_redis_again, timeout=20, message="decisions did not go back to Redis within 20 s", every=0.1)
         opened = await metric(admin, process, "redis_circuit_transitions_total", state="open") - opened_before
