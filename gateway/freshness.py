@@ -43,7 +43,8 @@ def directives(value: str | None) -> dict[str, str | None]:
 def surrogate_directives(value: str) -> dict[str, str | None]:
     """Surrogate-Control (W3C Edge Architecture) as directives: the untargeted ones (``;name``
     targets another surrogate), max-age without its ``+stale`` part."""
-    found = {name: argument for name, argument in directives(value).items() if ";" not in name and ";" not in (argument or "")}
+    # Parts targeted at another surrogate go before the first of duplicates is taken.
+    found = directives(", ".join(part for part in value.split(",") if ";" not in part))
     if found.get("max-age"):
         found["max-age"] = (found["max-age"] or "").partition("+")[0]
     return found

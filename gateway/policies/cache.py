@@ -601,7 +601,8 @@ class CachePolicy(Policy):
         """The directives this cache obeys: the upstream's Surrogate-Control when it sent one
         (this gateway is a surrogate), else its Cache-Control."""
         surrogate = headers.get("Surrogate-Control") if self.settings.surrogate_control else None
-        return surrogate_directives(surrogate) if surrogate else cache_control(headers)
+        found = surrogate_directives(surrogate) if surrogate else {}
+        return found or cache_control(headers)  # directives all aimed at other surrogates: not for this one
 
     def _stale_on_error(self, lookup: Lookup, status: int, reply: Reply) -> bool:
         """stale_if_error for an upstream that answered 500/502/503/504: the stale entry instead."""
