@@ -504,7 +504,8 @@ class Gateway:
 async def _metrics(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
     clock = time.monotonic()
-    gateway.metrics.target_up.clear()  # targets a reload removed leave the exposition
+    if not gateway.metrics.multiprocess:  # (prometheus-client cannot clear labels across processes)
+        gateway.metrics.target_up.clear()  # targets a reload removed leave the exposition
     for name, upstream in gateway.runtime.upstreams.items():
         for target in upstream.targets:
             gateway.metrics.target_up.labels(upstream=name, target=target.origin).set(1 if target.available(clock) else 0)

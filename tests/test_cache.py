@@ -628,6 +628,22 @@ async def test_a_head_is_answered_from_a_stored_get_with_its_content_length_and_
     assert len(upstream.requests) == 1
 
 
+async def test_an_unconditional_head_on_a_stale_entry_gets_a_200_and_refreshes_the_entry(upstream, start_gateway, client) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60"})
+        return web.Response(text="body v1", headers=stale_on_arrival({"ETag": '"v1"'}))
+
+    upstream.handler = handler
+    gateway = await start_gateway(cached(upstream.url))
+    await fetch(client, gateway.url + "/")
+    head = await fetch(client, gateway.url + "/", method="HEAD")
+    assert head.status == 200 and head.headers["Content-Length"] == "7", head.cache_status  # not the upstream's 304
+    assert upstream.requests[1].method == "HEAD" and upstream.requests[1].headers.get("If-None-Match") == '"v1"'
+    after = await fetch(client, gateway.url + "/")
+    assert after.hit and after.body == b"body v1" and len(upstream.requests) == 2
+
+
 async def test_a_head_miss_does_not_store_an_empty_body_for_the_next_get(upstream, start_gateway, client) -> None:
     numbered(upstream, {"Cache-Control": "max-age=60"})
     gateway = await start_gateway(cached(upstream.url))

@@ -561,11 +561,11 @@ class CachePolicy(Policy):
         if lookup is None:
             return
         try:
+            if reply.status == 304 and lookup.entry is not None and lookup.revalidating:
+                await self._revalidated(exchange, lookup, reply)  # a HEAD's too (RFC 9111 §4.3.5)
+                return
             if exchange.method == "HEAD":
                 return  # a HEAD's answer has no body to store
-            if reply.status == 304 and lookup.entry is not None and lookup.revalidating:
-                await self._revalidated(exchange, lookup, reply)
-                return
             if reply.status in ERROR_STATUSES and lookup.entry is not None and self._stale_on_error(lookup, reply.status, reply):
                 return
             content_length = _length(reply.status, reply.upstream)
