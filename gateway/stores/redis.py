@@ -45,6 +45,7 @@ RESUBSCRIBE_PAUSE = 1.0
 INDEX_EXPIRY = ":exp"  # an index's companion sorted set: its members by expiry time
 PRUNE_PER_ADD = 64
 CONNECT_TIMEOUT = 1.0  # a new connection may take longer than one command
+SENTINEL_CHECK = 0.5  # seconds between two asks of Sentinel for the master (RedisStore._follow_master)
 
 T = TypeVar("T")
 
@@ -66,7 +67,17 @@ def make_client(settings: Any) -> tuple[Any, list[Any]]:
     }
     if settings.cluster_nodes:
         nodes = [ClusterNode(*_host_port(url)) for url in settings.cluster_nodes]
-        return RedisCluster(startup_nodes=nodes, max_connections=settings.pool_size, **timeouts), []
+        # Credentials and TLS come from the first URL (a cluster's nodes share them); RedisCluster
+        # takes them once, for every node it learns of. They were dropped: every call failed.
+        first = aioredis.connection.parse_url(settings.cluster_nodes[0])
+        auth: dict[str, Any] = {key: first[key] for key in ("username", "password") if first.get(key)}
+        if first.get("connection_class") is aioredis.SSLConnection:
+            auth["ssl"] = True
+        # reinitialize_steps=0: a MOVED updates that slot and the command follows it. By default
+        # every fifth MOVED closes all connections, in use or not: after a failover or a reshard
+        # the first burst to the moved slots broke commands mid-flight, tripped the breaker and
+        # let the fallback decide (tests/test_scaleout.py). Errors still re-read the topology.
+        return RedisCluster(startup_nodes=nodes, max_connections=settings.pool_size, reinitialize_steps=0, **auth, **timeouts), []
     if settings.sentinel is not None:
         sentinel = Sentinel([_host_port(url) for url in settings.sentinel.nodes], **timeouts)
         return sentinel.master_for(settings.sentinel.master, **timeouts), list(sentinel.sentinels)
@@ -101,6 +112,29 @@ class RedisStore(Store):
         self._index_take = self.client.register_script((LUA / "index_take.lua").read_text())
         # Pub/sub on one server (redis.url); a cluster's or Sentinel's clients do not subscribe here.
         self.broadcasts = client is None and bool(getattr(settings, "url", None)) and not settings.cluster_nodes and settings.sentinel is None
+        self._follows_sentinel = client is None and settings.sentinel is not None
+        self._follower: asyncio.Task[None] | None = None
+
+    async def _follow_master(self) -> None:
+        """Sentinel: ask for the master every SENTINEL_CHECK seconds and leave the old one as soon
+        as the answer changes. redis-py asks Sentinel only when it opens a connection and keeps
+        its pooled ones, so after a switchover of a healthy master (SENTINEL FAILOVER) they went
+        on writing to the old master until Sentinel demoted it, about 10 s later, and its resync
+        from the new master dropped those counts (tests/test_scaleout.py)."""
+        pool = self.client.connection_pool
+        master = None
+        while True:
+            await asyncio.sleep(SENTINEL_CHECK)
+            try:
+                address = await pool.get_master_address()
+                if master is not None and address != master:
+                    # Connections opened before the switch: busy ones reconnect when released,
+                    # idle ones close now.
+                    await pool.update_active_connections_for_reconnect()
+                    await pool.disconnect(inuse_connections=False)
+                master = address
+            except Exception:  # no sentinel answered, or a connection would not close: next time
+                pass
 
     async def _call(self, command: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
@@ -136,6 +170,8 @@ class RedisStore(Store):
         return result
 
     async def _bounded(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self._follows_sentinel and self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow_master())
         async with self._slots:
             if isinstance(self.client, RedisCluster):
                 # Until it knows the slots, redis-py sends a keyed command it has no routing
@@ -227,6 +263,10 @@ class RedisStore(Store):
         return time.perf_counter() - started
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
         if isinstance(self.client, aioredis.Redis):
             await self.client.aclose(close_connection_pool=True)  # the pool is ours, not the client's
         else:
