@@ -327,10 +327,15 @@ class Gateway:
             headers["traceparent"], exchange.trace_id = traceparent(request.headers.get("traceparent"))
             reply = await pipeline.on_request(exchange)
             if reply is None:
-                if is_websocket(request):
-                    return await self._websocket(request, exchange, route)
                 body = forwarded_body(exchange)  # read (and maybe rewritten) by a policy
-                if body is None and request.body_exists:
+                if is_websocket(request):
+                    upgraded = await self._websocket(request, exchange, route)
+                    if upgraded is not None:
+                        return upgraded
+                    # The upstream answered the handshake as an ordinary GET (RFC 9110 §7.8: a
+                    # server may ignore Upgrade): forward it as one. What follows its head is the
+                    # upgraded stream, not a body.
+                elif body is None and request.body_exists:
                     body = RequestBody(request, exchange, runtime.body_timeout)
                 sent = time.perf_counter()
                 try:
@@ -366,7 +371,7 @@ class Gateway:
     def _route(self, runtime: Runtime, exchange: Exchange) -> tuple[Reply | None, Pipeline]:
         """Check the head, normalise the path, find the route; a Reply when there is none."""
         request = exchange.request
-        if request.version not in SUPPORTED_VERSIONS:
+        if getattr(request, "line_version", request.version) not in SUPPORTED_VERSIONS:
             # HTTP/0.9 or a 2.x/3.x request line over HTTP/1 framing: nothing to forward faithfully.
             return problem(exchange, 505, "only HTTP/1.0 and HTTP/1.1 are served here"), runtime.unrouted
         head_size = len(request.method) + len(request.raw_path) + 12
@@ -416,17 +421,26 @@ class Gateway:
             return problem(exchange, 405, detail, {"Allow": ", ".join(allowed)}), runtime.unrouted
         return problem(exchange, 404, "no route matches this path"), runtime.unrouted
 
-    async def _websocket(self, request: web.BaseRequest, exchange: Exchange, route: Route) -> web.StreamResponse:
-        try:
-            return await tunnel_websocket(request, exchange, route.upstream)
-        except UpstreamError as exc:
-            reply = problem(exchange, exc.status, exc.detail)
-        except HandshakeRefused as exc:
-            status = exc.status if 400 <= exc.status < 600 else 502
-            reply = problem(exchange, status, "the upstream refused the WebSocket handshake")
+    async def _websocket(self, request: web.BaseRequest, exchange: Exchange, route: Route) -> web.StreamResponse | None:
+        """The WebSocket relayed, or a problem; None when the upstream ignored the Upgrade."""
+        if request.method != "GET" or not web.WebSocketResponse().can_prepare(request).ok:
+            # RFC 6455 §4.1/§4.2.1: a GET with a valid Sec-WebSocket-Key and version 13. Checked
+            # before an upstream is dialled (aiohttp raised it after, a 500).
+            reply = problem(exchange, 400, "the WebSocket handshake is malformed", {"Sec-WebSocket-Version": "13"})
+        else:
+            try:
+                return await tunnel_websocket(request, exchange, route.upstream)
+            except UpstreamError as exc:
+                reply = problem(exchange, exc.status, exc.detail)
+            except HandshakeRefused as exc:
+                if exc.status < 400:
+                    return None
+                reply = problem(exchange, exc.status, "the upstream refused the WebSocket handshake")
         route.pipeline.on_response(exchange, reply)
         reply.headers["X-Request-ID"] = exchange.request_id
-        return await send(request, reply, exchange)
+        response = await send(request, reply, exchange)
+        response.force_close()  # what follows the head is an upgraded stream: nothing to read on
+        return response
 
     # -- admin -------------------------------------------------------------------------------
 

@@ -117,6 +117,12 @@ async def read_body(exchange: Exchange, max_body: int, guards: JsonGuards, timeo
             return _too_large(exchange, max_body)
         return known
     request = exchange.request
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        # RFC 7694 §3: the policies check bytes they can read; a compressed body is refused, not
+        # inflated here (where a small body can inflate to gigabytes).
+        exchange.notes["body"] = "content_encoding"
+        return problem(exchange, 415, "a compressed request body cannot be checked here; send it uncompressed", {"Accept-Encoding": "identity"})
     declared = request.content_length
     if declared is not None and declared > max_body:
         return _too_large(exchange, max_body)
@@ -136,7 +142,7 @@ async def read_body(exchange: Exchange, max_body: int, guards: JsonGuards, timeo
             chunks.append(chunk)
     except TimeoutError:
         return problem(exchange, 408, "the request body was not received in time")
-    except aiohttp.http_exceptions.HttpProcessingError:
+    except (aiohttp.http_exceptions.HttpProcessingError, aiohttp.web_protocol.RequestPayloadError):
         return problem(exchange, 400, "the request body is malformed")
     exchange.bytes_in = size
     raw = b"".join(chunks)
@@ -246,6 +252,7 @@ def _check(value: Any, guards: JsonGuards, depth: int) -> None:
     if isinstance(value, str):
         if len(value) > guards.max_string:
             raise BodyError(400, f"a JSON string is longer than {guards.max_string} characters")
+        _no_lone_surrogate(value)
         return
     if not isinstance(value, (dict, list)):
         return
@@ -257,10 +264,21 @@ def _check(value: Any, guards: JsonGuards, depth: int) -> None:
         for key, item in value.items():
             if len(key) > guards.max_string:
                 raise BodyError(400, f"a JSON key is longer than {guards.max_string} characters")
+            _no_lone_surrogate(key)
             _check(item, guards, depth + 1)
     else:
         for item in value:
             _check(item, guards, depth + 1)
+
+
+def _no_lone_surrogate(value: str) -> None:
+    # RFC 8259 §8.2: "\ud800" alone is valid JSON text but no Unicode character; Python reads it
+    # into a str that cannot be encoded (nh3, the re-serialized body and the upstream all fail).
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BodyError(400, "a JSON string holds an unpaired surrogate escape") from None
 
 
 def forwarded_body(exchange: Exchange) -> bytes | None:

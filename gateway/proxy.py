@@ -76,7 +76,7 @@ class RequestBody:
             except TimeoutError:
                 self.error = ClientBodyError(408, "the request body was not received in time")
                 raise self.error from None
-            except aiohttp.http_exceptions.HttpProcessingError:
+            except (aiohttp.http_exceptions.HttpProcessingError, aiohttp.web_protocol.RequestPayloadError):
                 self.error = ClientBodyError(400, "the request body is malformed")
                 raise self.error from None
             if not chunk:

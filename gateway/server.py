@@ -26,8 +26,9 @@ from typing import Any, Callable
 import uvloop
 from prometheus_client.multiprocess import mark_process_dead
 from aiohttp import hdrs, web
-from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from yarl import URL
 
 from gateway.access_log import setup_logging
 from gateway.app import Gateway, new_request_id
@@ -117,8 +118,9 @@ class GatewayProtocol(web.RequestHandler):
 class GatewayRequest(web.BaseRequest):
     """aiohttp's request, with the gateway's say over the Server header of its response."""
 
-    ATTRS = web.BaseRequest.ATTRS | frozenset({"gateway"})
+    ATTRS = web.BaseRequest.ATTRS | frozenset({"gateway", "line_version"})
     gateway: Gateway
+    line_version: HttpVersion  # as the request line said; `version` is what the answer is written in
 
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         # aiohttp fills a missing Server header with its SERVER_SOFTWARE constant (that very
@@ -161,8 +163,19 @@ class GatewayServer(web.Server):
             transport.close()
 
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> GatewayRequest:  # type: ignore[override]
+        if message.url is None:
+            # "CONNECT \r\n": the parser gives no target at all, and aiohttp's request, made outside
+            # its error handling, raised; the connection then hung without an answer. An empty
+            # target is refused like any that does not start with "/" (Gateway._route).
+            message = message._replace(path="", url=URL(""))
+        line_version = message.version
+        if line_version not in (HttpVersion10, HttpVersion11):
+            # 0.9, or 2.0 framed as HTTP/1: answered 505 (Gateway._route) in HTTP/1.1, since a
+            # status line names a version the server speaks (RFC 9110 §6.2), and then closed.
+            message = message._replace(version=HttpVersion11, should_close=True)
         request = GatewayRequest(message, payload, protocol, writer, task, self._loop)
         request.gateway = self.gateway
+        request.line_version = line_version
         return request
 
 
@@ -187,6 +200,10 @@ def server_options(limits: ListenLimits) -> dict[str, Any]:
         # is 5 s. A slow client holds its socket no longer than that.
         "lingering_time": min(5.0, limits.body_timeout),
         "access_log": None,  # the gateway writes its own (gateway.access_log)
+        # A request body is forwarded as sent: aiohttp would inflate a Content-Encoding: gzip
+        # body, which then went upstream still labelled gzip (and a body that was no gzip at all
+        # raised mid-stream, a 502 counted against a healthy target).
+        "auto_decompress": False,
     }
 
 

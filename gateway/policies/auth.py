@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -54,7 +55,10 @@ HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 REALM = 'Bearer realm="gateway"'
 INVALID_TOKEN = f'{REALM}, error="invalid_token"'
 INSUFFICIENT_SCOPE = f'{REALM}, error="insufficient_scope"'
-_PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F))
+# Left as they are in a forwarded claim. "%" is encoded too, so that percent-decoding gives the
+# claim back and two claims never forward alike ("caf%C3%A9" and "café").
+_PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+_EDGE_SPACES = re.compile(r"^ +| +$")  # trimmed as OWS by the upstream's parser (RFC 9110 §5.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +363,7 @@ def header_value(value: Any) -> str | None:
         value = ",".join(str(item) for item in value)
     if not isinstance(value, (str, int, float)):
         return None
-    return quote(str(value), safe=_PRINTABLE)
+    return _EDGE_SPACES.sub(lambda m: "%20" * len(m.group()), quote(str(value), safe=_PRINTABLE))
 
 
 # The auth_failures_total reasons: a fixed set, whatever a token contains.

@@ -53,12 +53,14 @@ class FieldRule(Settings):
     @field_validator("pattern", mode="before")
     @classmethod
     def _safe_pattern(cls, value: Any) -> Any:
-        if isinstance(value, str) and _repeats_a_repetition(value):
+        if not isinstance(value, str):
+            return value
+        if _repeats_a_repetition(value):
             raise PydanticCustomError(
                 "pattern", "the pattern {got} repeats a group that itself repeats or alternates: it can take exponential time on a crafted input (ReDoS); rewrite it without nesting",
                 {"got": repr(value)},
             )  # fmt: skip
-        return value
+        return _end_means_end(value)
 
     @model_validator(mode="after")
     def _coherent(self) -> "FieldRule":
@@ -88,6 +90,33 @@ class ValidateSettings(Settings):
     @classmethod
     def _lower(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return tuple(v.lower() for v in value) if value is not None else None
+
+
+def _end_means_end(pattern: str) -> str:
+    """``$`` as JavaScript (Joi, validator.js) reads it: the end of the string. Python's ``$``
+    also matches before a final newline, so ``^[A-Z]{4}$`` would pass ``"ABCD\\n"``."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            lead = 2 if pattern.startswith("[^", i) else 1
+            lead += 1 if pattern.startswith("]", i + lead) else 0
+            out.append(pattern[i : i + lead])
+            i += lead
+            continue
+        elif char == "$":
+            char = r"\Z"
+        out.append(char)
+        i += 1
+    return "".join(out)
 
 
 def _repeats_a_repetition(pattern: str) -> bool:
@@ -233,13 +262,13 @@ def check(path: str, value: Any, rule: FieldRule, from_form: bool) -> list[dict[
             fail("minimum", f"expected at least {rule.minimum:g}")
         if rule.maximum is not None and value > rule.maximum:
             fail("maximum", f"expected at most {rule.maximum:g}")
-    if isinstance(value, str):
-        if rule.format is not None and not FORMATS[rule.format](value, rule.phone_region):
-            fail("format", f"expected a valid {rule.format}")
-        if rule.pattern is not None:
-            limit = rule.max_length if rule.max_length is not None else PATTERN_INPUT_LIMIT
-            if len(value) > limit or rule.pattern.search(value) is None:
-                fail("pattern", "does not match the expected pattern")
+    # A format or a pattern describes text: any other value breaks it (Joi's string().email()).
+    if rule.format is not None and not (isinstance(value, str) and FORMATS[rule.format](value, rule.phone_region)):
+        fail("format", f"expected a valid {rule.format}")
+    if rule.pattern is not None:
+        limit = rule.max_length if rule.max_length is not None else PATTERN_INPUT_LIMIT
+        if not isinstance(value, str) or len(value) > limit or rule.pattern.search(value) is None:
+            fail("pattern", "does not match the expected pattern")
     return errors
 
 
