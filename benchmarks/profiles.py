@@ -191,7 +191,8 @@ def gateway_config(profile: str, port: int, upstream_port: int, redis_port: int,
         "logging": {"level": "info", "format": "json", "access_log": False},
     }
     if profile == "api":
-        route["security_headers"] = {"preset": "helmet"}
+        # HSTS on plain HTTP too, as helmet (and the nginx reference) sends it: the same work.
+        route["security_headers"] = {"preset": "helmet", "hsts": {"over_http": True}}
         route["cdn"] = {
             "cache_control": "public, max-age=60",
             "cdn_cache_control": "public, max-age=600",
