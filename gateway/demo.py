@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  curl -i {base}/api/users/1 -H \"Authorization: Bearer $TOKEN\"\n"
                 f"  curl -i -X OPTIONS {base}/api/products -H 'Origin: https://shop.example' -H 'Access-Control-Request-Method: POST'   # CORS preflight, answered by the gateway\n"
                 + (f"  curl -s http://{config.admin.host}:{config.admin.port}/readyz\n" if config.admin else "")
+                + (f"  curl -s -X POST http://{config.admin.host}:{config.admin.port}/cache/purge -d '{{\"prefix\": \"/api/products\"}}'   # the next GET is a miss\n" if config.admin and not config.admin.token else "")
                 + "Ctrl-C stops both.\n",
                 flush=True,
             )
