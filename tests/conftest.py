@@ -343,16 +343,18 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        self.wait_until_answering("redis-server")
+
+    def wait_until_answering(self, what: str, timeout: float = 10) -> None:
+        """Until the server answers PING (a redis-server, a cluster node, a sentinel)."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
+                if self.command("PING").startswith(b"+PONG"):
+                    return
             except OSError:
                 time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        raise RuntimeError(f"{what} on {self.port} did not start")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -403,14 +405,8 @@ def start_cluster_node(port: int, directory: Path) -> RedisServer:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if node.command("PING").startswith(b"+PONG"):
-                return node
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"cluster node on {port} did not start")
+    node.wait_until_answering("cluster node")
+    return node
 
 
 @pytest.fixture

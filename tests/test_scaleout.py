@@ -367,14 +367,8 @@ def start_sentinel(port: int, directory: Path, master_port: int) -> RedisServer:
     )
     node = RedisServer(port, directory)
     node.process = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if node.command("PING").startswith(b"+PONG"):
-                return node
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"sentinel on {port} did not start")
+    node.wait_until_answering("sentinel")
+    return node
 
 
 @pytest.fixture
