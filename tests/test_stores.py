@@ -12,6 +12,7 @@ Bounding memory by a count of entries is the memory store's own duty (Redis boun
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -453,3 +454,15 @@ async def test_every_rate_limit_key_expires(subject: StoreUnderTest) -> None:
     if isinstance(subject.store, RedisStore):
         keys = [key async for key in subject.store.client.scan_iter(match="test:*")]
         assert keys and all([await subject.store.client.pttl(key) > 0 for key in keys])
+
+
+async def test_redis_decisions_made_together_share_one_connection_and_each_gets_its_own_answer(redis_server: RedisServer) -> None:
+    subject = await redis_store(server=redis_server)
+    store = subject.store
+    decisions = [limit("fixed_window", "shared", 20, 60_000) for _ in range(30)]
+    outcomes = await asyncio.gather(*(store.hit([hit], NOW_MS) for hit in decisions))
+    clients = int(redis_server.command("INFO", "clients").decode().split("connected_clients:")[1].split()[0])
+    await store.close()
+    assert sorted(o[0].remaining for o in outcomes if o[0].allowed) == list(range(20))  # 20 admitted, each its own count
+    assert sum(not o[0].allowed for o in outcomes) == 10
+    assert clients <= 2  # one pipeline on one connection (and this INFO's own), not 30 connections

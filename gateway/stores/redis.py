@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.errors import DependencyUnavailable
 from gateway.stores.base import Hit, Outcome, Store
@@ -114,6 +114,12 @@ class RedisStore(Store):
         self.broadcasts = client is None and bool(getattr(settings, "url", None)) and not settings.cluster_nodes and settings.sentinel is None
         self._follows_sentinel = client is None and settings.sentinel is not None
         self._follower: asyncio.Task[None] | None = None
+        # Rate-limit decisions made in one event-loop turn go in one pipeline (one round trip,
+        # a fraction of redis-py's per-command cost). Not on a cluster, whose keys of one batch
+        # live on several nodes.
+        self._batching = not isinstance(self.client, RedisCluster)
+        self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def _follow_master(self) -> None:
         """Sentinel: ask for the master every SENTINEL_CHECK seconds and leave the old one as soon
@@ -215,8 +221,57 @@ class RedisStore(Store):
         for hit in hits:
             keys.extend(self._key(k) for k in hit.keys)
             args.extend((hit.algorithm, len(hit.keys), hit.limit, hit.window_ms, hit.burst, hit.cost))
-        raw = await self._call("rate_limit", lambda: self._decide(keys=keys, args=args))
+        if self._batching:
+            raw = await self._batched(keys, args)
+        else:
+            raw = await self._call("rate_limit", lambda: self._decide(keys=keys, args=args))
         return [Outcome(bool(raw[i]), int(raw[i + 1]), int(raw[i + 2]), int(raw[i + 3])) for i in range(0, len(raw), 4)]
+
+    def _batched(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """A decision sent with the others of this event-loop turn (see __init__)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((keys, args, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        """One pipeline for the batch, through the breaker and the timeout like any call; each
+        decision gets its answer, or the same DependencyUnavailable when the call failed."""
+        answers: list[Any] = []
+        try:
+            answers = await self._call("rate_limit", lambda: self._pipeline(batch))
+        except DependencyUnavailable as exc:
+            answers = [exc] * len(batch)
+        finally:  # (cancelled with the store: every decision still gets an answer)
+            answers += [DependencyUnavailable("redis: the store is closing")] * (len(batch) - len(answers))
+            for (_, _, future), answer in zip(batch, answers):
+                if future.done():  # its request was cancelled (its client left)
+                    continue
+                if isinstance(answer, BaseException):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+
+    async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        # EVALSHA by hand: redis-py's scripts in a pipeline send SCRIPT EXISTS before each one.
+        for attempt in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args, _ in batch:
+                    pipe.evalsha(self._decide.sha, len(keys), *keys, *args)
+                answers = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(a, NoScriptError) for a in answers):
+                await self.client.script_load(DECIDE_SCRIPT)  # after a restart or SCRIPT FLUSH
+                continue
+            break
+        return [DependencyUnavailable(f"redis: {a}") if isinstance(a, Exception) else a for a in answers]
 
     async def index_add(self, index: str, members: Sequence[str], expires_ms: int, now_ms: int) -> None:
         keys = [self._key(index), self._key(index + INDEX_EXPIRY)]
@@ -263,6 +318,8 @@ class RedisStore(Store):
         return time.perf_counter() - started
 
     async def close(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
