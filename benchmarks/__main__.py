@@ -686,8 +686,8 @@ def check(report: dict[str, Any]) -> list[str]:
             # gateway keeping its connection checked, whichever row is measured meanwhile.)
             if not P.uses_redis(key, target) and set(cell["redis_commands"]) - {"ping"}:
                 findings.append(f"{name}: {cell['redis_commands']} Redis commands from a gateway with no redis block")
-            if key == "api" and not 0.95 <= trips <= 1.05:
-                findings.append(f"{name}: {trips:.3f} Redis round trips per request (the rule: one for all limits of a route)")
+            if key == "api" and trips > 1.05:  # under load, concurrent decisions share one (a pipeline)
+                findings.append(f"{name}: {trips:.3f} Redis round trips per request (the rule: at most one for all limits of a route)")
             if key == "flood" and trips > 0.01:
                 findings.append(f"{name}: {trips:.3f} Redis round trips per request (a remembered denial should cost none); {cmds:.3f} commands")
     for key in report["profiles"]:
