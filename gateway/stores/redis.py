@@ -262,15 +262,22 @@ class RedisStore(Store):
 
     async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
         # EVALSHA by hand: redis-py's scripts in a pipeline send SCRIPT EXISTS before each one.
+        answers: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
         for attempt in range(2):
             async with self.client.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
+                for i in todo:
+                    keys, args, _ = batch[i]
                     pipe.evalsha(self._decide.sha, len(keys), *keys, *args)
-                answers = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(a, NoScriptError) for a in answers):
-                await self.client.script_load(DECIDE_SCRIPT)  # after a restart or SCRIPT FLUSH
-                continue
-            break
+                for i, answer in zip(todo, await pipe.execute(raise_on_error=False)):
+                    answers[i] = answer
+            # After a restart or SCRIPT FLUSH: load it and send again only the decisions that did
+            # not run (another client may load it between two commands of this pipeline, and a
+            # decision that ran must not count twice).
+            todo = [i for i in todo if isinstance(answers[i], NoScriptError)]
+            if not todo or attempt:
+                break
+            await self.client.script_load(DECIDE_SCRIPT)
         return [DependencyUnavailable(f"redis: {a}") if isinstance(a, Exception) else a for a in answers]
 
     async def index_add(self, index: str, members: Sequence[str], expires_ms: int, now_ms: int) -> None:
