@@ -293,23 +293,31 @@ def gateway_process(tmp_path: Path) -> Any:
     processes: list[GatewayProcess] = []
 
     def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
-        port, admin_port = free_port(), free_port()
-        path = tmp_path / f"process-{len(processes)}.yaml"
-        path.write_text(yaml.safe_dump(_with_ports(config, port, admin_port)))
-        log_path = tmp_path / f"process-{len(processes)}.log"
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "-c", str(path)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-                cwd=tmp_path,
-                start_new_session=True,  # its own process group: cleanup reaches the workers too
-            )
-        handle = GatewayProcess(process, port, admin_port, path, log_path)
-        processes.append(handle)
-        wait_until_ready(handle.admin_url, process)
-        return handle
+        for attempt in range(3):
+            port, admin_port = free_port(), free_port()
+            path = tmp_path / f"process-{len(processes)}.yaml"
+            path.write_text(yaml.safe_dump(_with_ports(config, port, admin_port)))
+            log_path = tmp_path / f"process-{len(processes)}.log"
+            with open(log_path, "wb") as log_file:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "gateway", "run", "-c", str(path)],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **(env or {})},
+                    cwd=tmp_path,
+                    start_new_session=True,  # its own process group: cleanup reaches the workers too
+                )
+            handle = GatewayProcess(process, port, admin_port, path, log_path)
+            processes.append(handle)
+            try:
+                wait_until_ready(handle.admin_url, process)
+                return handle
+            except RuntimeError:
+                # A free port is free when picked: an outgoing connection of another test can take
+                # it before the gateway binds it. Then (only then) pick new ones.
+                if attempt == 2 or "address already in use" not in handle.log():
+                    raise
+        raise AssertionError("unreachable")
 
     yield start
     for handle in processes:
