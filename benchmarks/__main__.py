@@ -65,11 +65,11 @@ from benchmarks.common import (
     cpu_plan,
     elapsed,
     free_port,
-    git_state,
     interrupt,
     load_tool,
     memory,
     move_to_cores,
+    new_report,
     payload,
     redis_change,
     redis_snapshot,
@@ -79,6 +79,7 @@ from benchmarks.common import (
     spread,
     tear_down,
     tree_cpu_seconds,
+    version,
     wait_for_port,
 )
 
@@ -86,14 +87,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NODE_SOURCE = Path(__file__).resolve().parent / "node"
 NODE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gateway-benchmarks"
 
-
-
-def version(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else ""
 
 
 def request(method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
@@ -190,30 +183,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch.chmod(0o755)  # nginx's workers (nobody, when started as root) read files in here
     processes = Processes(scratch)
     chosen = list(args.profiles)
-    report: dict[str, Any] = {
-        "benchmark": "profiles",
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "args": vars(args),
-        "environment": {
-            "python": sys.version.split()[0],
-            "load_tool": load_tool(),
-            "load_tool_version": version(["wrk", "-v"]) if load_tool() == "wrk" else "bundled aiohttp generator",
-            "cpus": sorted(os.sched_getaffinity(0)),
-            "load_cores": load_cores,
-            "server_cores": server_cores,
-            "taskset": bool(shutil.which("taskset")),
-            "redis_server": version(["redis-server", "--version"]),
-            "nginx": version([NGINX, "-v"]) if os.path.exists(NGINX) else None,
-        },
-        "git": git_state(),
-        "profiles": {key: {"title": P.PROFILES[key].title, "method": P.PROFILES[key].method, "path": P.PROFILES[key].path, "does": P.PROFILES[key].does} for key in chosen},
-        "left_out": [f"{key}: no {target} row ({why})" for key in chosen for target, why in P.PROFILES[key].left_out.items() if target in args.targets],
-        "skipped": {},
-        "configs": {},
-        "checks": {},
-        "runs": [],
-        "findings": [],
+    environment = {
+        "load_tool": load_tool(),
+        "load_tool_version": version(["wrk", "-v"]) if load_tool() == "wrk" else "bundled aiohttp generator",
+        "load_cores": load_cores,
+        "server_cores": server_cores,
+        "taskset": bool(shutil.which("taskset")),
+        "redis_server": version(["redis-server", "--version"]),
+        "nginx": version([NGINX, "-v"]) if os.path.exists(NGINX) else None,
     }
+    report = new_report(
+        "profiles", args, environment,
+        profiles={key: {"title": P.PROFILES[key].title, "method": P.PROFILES[key].method, "path": P.PROFILES[key].path, "does": P.PROFILES[key].does} for key in chosen},
+        left_out=[f"{key}: no {target} row ({why})" for key in chosen for target, why in P.PROFILES[key].left_out.items() if target in args.targets],
+        skipped={}, configs={}, checks={}, runs=[],
+    )  # fmt: skip
     findings: list[str] = report["findings"]
     previous_term = signal.signal(signal.SIGTERM, interrupt)
     try:

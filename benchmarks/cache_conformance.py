@@ -53,10 +53,11 @@ from benchmarks.common import (
     Processes,
     elapsed,
     free_port,
-    git_state,
     interrupt,
+    new_report,
     say,
     tear_down,
+    version,
     wait_for_port,
 )
 
@@ -117,16 +118,6 @@ console.log(JSON.stringify({ tests: out, published }))
 """
 
 
-
-
-def version(command: list[str]) -> str:
-    """The first line a program prints about its version ('' when it cannot be run)."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +343,6 @@ def check_forwarding(base: str) -> None:
 
 def target_versions(redis: bool) -> dict[str, str]:
     found = {
-        "python": sys.version.split()[0],
         "node": version(["node", "--version"]),
         "nginx": version([NGINX, "-v"]),
         "varnish": version([VARNISHD, "-V"]),
@@ -402,17 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="bench-cache-conformance-"))
     scratch.chmod(0o755)  # nginx's workers and Varnish's child run as other users when started as root
     processes = Processes(scratch)
-    report: dict[str, Any] = {
-        "benchmark": "cache-conformance",
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "args": vars(args),
-        "suite": f"{SUITE}@{SUITE_VERSION}",
-        "environment": target_versions(args.redis),
-        "git": git_state(),
-        "tests": {},
-        "targets": {},
-        "findings": [],
-    }
+    report = new_report("cache-conformance", args, target_versions(args.redis), suite=f"{SUITE}@{SUITE_VERSION}", tests={}, targets={})
     previous_term = signal.signal(signal.SIGTERM, interrupt)
     try:
         folder = suite_folder()

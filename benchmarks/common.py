@@ -13,6 +13,7 @@ nginx, ``python -m benchmarks.common static PORT FILE`` serves one file with aio
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -463,6 +464,30 @@ def survivors(scratch: Path) -> list[str]:
     return found
 
 
+def version(command: list[str]) -> str:
+    """The first line a program prints about its version ('' when it cannot be run)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def new_report(name: str, args: Any, environment: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """The head of every benchmark's JSON report (what ran, when, with which options, on which
+    Python and CPUs, at which commit), then the benchmark's own sections, then its findings."""
+    return {
+        "benchmark": name,
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "args": vars(args),
+        "environment": {"python": sys.version.split()[0], "cpus": sorted(os.sched_getaffinity(0)), **environment},
+        "git": git_state(),
+        **sections,
+        "findings": [],
+    }
+
+
 def git_state() -> dict[str, Any]:
     """The commit and the files that differ from it (the tree is measured as it is)."""
 
@@ -618,6 +643,18 @@ def load_options(parser: Any, *, seconds: float, warmup: float, rounds_help: str
     parser.add_argument("--warmup", type=float, default=warmup, help=warmup_help)
     parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections")
     parser.add_argument("--keep", action="store_true", help=keep_help)
+
+
+def load_benchmark_main(name: str, doc: str, run: Any, table: Any, **options: Any) -> None:
+    """The command line of a load benchmark: its options (load_options), the run, its table, and
+    where the JSON went."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    load_options(parser, **options)
+    args = parser.parse_args()
+    report, out = run_and_save(name, run, args, parser)
+    print()
+    print(table(report))
+    print(f"\nevery run: {out.relative_to(ROOT)}  (total {elapsed():.0f}s)")
 
 
 def run_and_save(name: str, run: Any, args: Any, parser: Any) -> tuple[dict[str, Any], Path]:

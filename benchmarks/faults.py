@@ -54,11 +54,23 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from benchmarks.common import ROOT, Processes, cpu_plan, elapsed, findings_lines, free_port, git_state, interrupt, save_report, say, tear_down
+from benchmarks.common import (
+    ROOT,
+    Processes,
+    cpu_plan,
+    elapsed,
+    findings_lines,
+    free_port,
+    interrupt,
+    new_report,
+    save_report,
+    say,
+    tear_down,
+    version,
+)
 
 SCENARIOS = ("redis-kill", "redis-slow", "upstream-kill", "upstream-hang", "reload")
 PHASES = ("before", "during", "after")
@@ -646,19 +658,7 @@ async def run_all(args: argparse.Namespace, scratch: Path, report: dict[str, Any
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="bench-faults-"))
-    report: dict[str, Any] = {
-        "benchmark": "faults",
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "args": vars(args),
-        "environment": {
-            "python": sys.version.split()[0],
-            "cpus": sorted(os.sched_getaffinity(0)),
-            "redis_server": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip(),
-        },
-        "git": git_state(),
-        "scenarios": {},
-        "findings": [],
-    }
+    report = new_report("faults", args, {"redis_server": version(["redis-server", "--version"])}, scenarios={})
     previous_term = signal.signal(signal.SIGTERM, interrupt)
     try:
         try:

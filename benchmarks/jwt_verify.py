@@ -22,7 +22,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.policies.auth import AuthGlobal, Authenticator
+from gateway.policies.auth import Authenticator, AuthGlobal
 
 ALGORITHMS = {
     "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),

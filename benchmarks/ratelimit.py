@@ -40,24 +40,23 @@ import redis
 
 from benchmarks.common import (
     ROOT,
-    Processes,
     cores_busy,
     cpu_plan,
     cpu_seconds,
-    elapsed,
     findings_lines,
     free_port,
     get,
-    git_state,
     interrupt,
-    load_options,
+    load_benchmark_main,
     load_tool,
-    run_and_save,
+    new_report,
+    Processes,
     run_load,
     say,
     spread,
     start_upstream,
     tear_down,
+    version,
     wait_for_port,
 )
 
@@ -176,22 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_cores, server_cores = cpu_plan()
     scratch = Path(tempfile.mkdtemp(prefix="bench-ratelimit-"))
     processes = Processes(scratch)
-    report: dict[str, Any] = {
-        "benchmark": "ratelimit",
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "args": vars(args),
-        "environment": {
-            "python": sys.version.split()[0],
-            "load_tool": load_tool(),
-            "cpus": sorted(os.sched_getaffinity(0)),
-            "load_cores": load_cores,
-            "gateway_cores": server_cores,
-            "redis_server": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip(),
-        },
-        "git": git_state(),
-        "runs": [],
-        "findings": [],
-    }
+    environment = {"load_tool": load_tool(), "load_cores": load_cores, "gateway_cores": server_cores, "redis_server": version(["redis-server", "--version"])}
+    report = new_report("ratelimit", args, environment, runs=[])
     previous_term = signal.signal(signal.SIGTERM, interrupt)
     try:
         say(f"scratch {scratch}; load: {load_tool()}; cores: load/nginx/redis {load_cores or 'any'}, gateway {server_cores or 'any'}")
@@ -468,13 +453,10 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    load_options(parser, seconds=6.0, warmup=2.0, rounds_help="rounds of upstream, (a), (b)", warmup_help="warm-up load per target", keep_help="keep the scratch folder (configs, logs)")
-    args = parser.parse_args()
-    report, out = run_and_save("ratelimit", run, args, parser)
-    print()
-    print(table(report))
-    print(f"\nevery run: {out.relative_to(ROOT)}  (total {elapsed():.0f}s)")
+    load_benchmark_main(
+        "ratelimit", __doc__ or "", run, table, seconds=6.0, warmup=2.0,
+        rounds_help="rounds of upstream, (a), (b)", warmup_help="warm-up load per target", keep_help="keep the scratch folder (configs, logs)",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -41,25 +41,22 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     NGINX,
     ROOT,
-    Processes,
     cores_busy,
     cpu_plan,
     cpu_seconds,
-    elapsed,
     findings_lines,
     free_port,
-    git_state,
     interrupt,
-    load_options,
+    load_benchmark_main,
     load_tool,
-    run_and_save,
+    new_report,
+    Processes,
     run_load,
     say,
     spread,
@@ -567,25 +564,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="bench-sanitize-"))
     processes = Processes(scratch)
     body_bytes = bodies()
-    report: dict[str, Any] = {
-        "benchmark": "sanitize",
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "args": vars(args),
-        "environment": {
-            "python": sys.version.split()[0],
-            "load_tool": load_tool(),
-            "cpus": sorted(os.sched_getaffinity(0)),
-            "load_cores": load_cores,
-            "gateway_cores": server_cores,
-        },
-        "git": git_state(),
-        "bodies": {name: raw.decode("utf-8") for name, raw in body_bytes.items()},
-        "share": share(body_bytes),
-        "configs": {},
-        "verification": {},
-        "runs": [],
-        "findings": [],
-    }
+    environment = {"load_tool": load_tool(), "load_cores": load_cores, "gateway_cores": server_cores}
+    report = new_report(
+        "sanitize", args, environment,
+        bodies={name: raw.decode("utf-8") for name, raw in body_bytes.items()}, share=share(body_bytes),
+        configs={}, verification={}, runs=[],
+    )  # fmt: skip
     try:
         import bleach
         import nh3
@@ -887,13 +871,11 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    load_options(parser, seconds=2.0, warmup=1.0, rounds_help="rounds of every config x body", warmup_help="warm-up load per gateway (mixed bodies)", keep_help="keep the scratch folder (configs, logs, bodies, Lua scripts)")
-    args = parser.parse_args()
-    report, out = run_and_save("sanitize", run, args, parser)
-    print()
-    print(table(report))
-    print(f"\nevery run: {out.relative_to(ROOT)}  (total {elapsed():.0f}s)")
+    load_benchmark_main(
+        "sanitize", __doc__ or "", run, table, seconds=2.0, warmup=1.0,
+        rounds_help="rounds of every config x body", warmup_help="warm-up load per gateway (mixed bodies)",
+        keep_help="keep the scratch folder (configs, logs, bodies, Lua scripts)",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -104,15 +104,16 @@ from benchmarks.common import (
     cpu_plan,
     elapsed,
     free_port,
-    git_state,
     interrupt,
     memory,
+    new_report,
     payload,
     process_tree,
     save_report,
     say,
     tear_down,
     tree_cpu_seconds,
+    version,
     wait_for_port,
 )
 
@@ -1181,22 +1182,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     scratch.chmod(0o755)  # nginx's workers (nobody, when started as root) read files in here
     processes = Processes(scratch)
-    report: dict[str, Any] = {
-        "benchmark": "soak",
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "args": vars(args),
-        "environment": {
-            "python": sys.version.split()[0],
-            "cpus": sorted(os.sched_getaffinity(0)),
-            "loadavg_start": Path("/proc/loadavg").read_text().strip(),
-            "redis_server": subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False).stdout.strip(),
-            "nginx": os.path.exists(NGINX),
-        },
-        "git": git_state(),
-        "thresholds": {"memory_floor_mb": MEMORY_FLOOR_MB, "memory_share": MEMORY_SHARE, "fd_slack": FD_SLACK, "label_set_slack": LABEL_SET_SLACK, "idle_after_s": IDLE_AFTER, "recovery_allowance_s": RECOVERY_ALLOWANCE},
-        "samples": [],
-        "findings": [],
-    }
+    environment = {"loadavg_start": Path("/proc/loadavg").read_text().strip(), "redis_server": version(["redis-server", "--version"]), "nginx": os.path.exists(NGINX)}
+    thresholds = {"memory_floor_mb": MEMORY_FLOOR_MB, "memory_share": MEMORY_SHARE, "fd_slack": FD_SLACK, "label_set_slack": LABEL_SET_SLACK, "idle_after_s": IDLE_AFTER, "recovery_allowance_s": RECOVERY_ALLOWANCE}
+    report = new_report("soak", args, environment, thresholds=thresholds, samples=[])
     previous_term = signal.signal(signal.SIGTERM, interrupt)
     setup = None
     try:

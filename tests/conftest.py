@@ -417,6 +417,17 @@ def start_cluster_node(port: int, directory: Path) -> RedisServer:
     return node
 
 
+def create_cluster(nodes: list[RedisServer], replicas: int) -> None:
+    """``redis-cli --cluster create`` over the nodes: the slots spread over the masters, each
+    with this many replicas."""
+    created = subprocess.run(
+        ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", str(replicas), "--cluster-yes"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stdout.decode() + created.stderr.decode()
+
+
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
     """Three masters, all slots assigned, cluster_state:ok on every node; killed at the end."""
@@ -427,12 +438,7 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
             port = cluster_port(taken)
             taken |= {port, port + 10000}
             nodes.append(start_cluster_node(port, tmp_path))
-        created = subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True,
-            timeout=60,
-        )
-        assert created.returncode == 0, created.stdout.decode() + created.stderr.decode()
+        create_cluster(nodes, replicas=0)
         deadline = time.monotonic() + 20
         while not all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in nodes):
             assert time.monotonic() < deadline, "the cluster did not reach cluster_state:ok"

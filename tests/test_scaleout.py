@@ -32,7 +32,7 @@ import pytest
 from aiohttp import web
 from redis.crc import key_slot
 
-from tests.conftest import GatewayProcess, RedisServer, Upstream, base_config, cluster_port, free_port, start_cluster_node
+from tests.conftest import GatewayProcess, RedisServer, Upstream, base_config, cluster_port, create_cluster, free_port, start_cluster_node
 from tests.test_cache import fetch
 from tests.test_ratelimit_shared import access_records, burst, fallbacks, keys
 
@@ -317,12 +317,7 @@ def redis_cluster_with_replicas(tmp_path: Path) -> Iterator[list[RedisServer]]:
             # gossip often enough that every one learns the replicas within a second (a master
             # votes for a replica's failover only when it knows it as a replica).
             assert text(node, "CONFIG", "SET", "repl-diskless-sync-delay", "0", "cluster-node-timeout", "2000") == "OK"
-        created = subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "1", "--cluster-yes"],
-            capture_output=True,
-            timeout=60,
-        )
-        assert created.returncode == 0, created.stdout.decode() + created.stderr.decode()
+        create_cluster(nodes, replicas=1)
         deadline = time.monotonic() + 30
         while not all(_cluster_settled(node) for node in nodes):
             assert time.monotonic() < deadline, "the cluster with replicas did not settle"

@@ -805,16 +805,14 @@ class Purge:
             if any(char.isspace() or char == SEP for char in value):
                 raise ValueError("tag: a tag has no spaces")
             return cls("tag", value)
-        if "://" in value:  # an absolute URL: its path and query, for entries of every host
-            value = "/" + value.split("://", 1)[1].partition("/")[2]
-        raw_path, question, query = value.partition("?")
-        if kind == "prefix" and question:
+        target = urlsplit(value)  # an absolute URL counts by its path and query: entries of every host
+        if kind == "prefix" and (target.query or value.endswith("?")):
             raise ValueError("prefix: a path prefix has no query")
         try:
-            path = normalise_path(raw_path, keep_escaped_slashes)
+            path = normalise_path(target.path or "/", keep_escaped_slashes)
         except BadPath as exc:
             raise ValueError(f"{kind}: {exc}") from None
-        return cls(kind, path, query if question else None)  # type: ignore[arg-type]
+        return cls(kind, path, target.query if "?" in value else None)  # type: ignore[arg-type]
 
 
 def _length(status: int, response: Any) -> int | None:
