@@ -36,7 +36,7 @@ from gateway.body import forwarded_body
 from gateway.config import METHODS, GatewayConfig, effective_blocks, load_config
 from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError, problem_body, problem_headers
 from gateway.forwarded import Forwarding, traceparent
-from gateway.metrics import UNMATCHED, Metrics, method_label
+from gateway.metrics import UNMATCHED, Metrics
 from gateway.pipeline import Exchange, Pipeline, Policy, PolicyContext, Reply, problem
 from gateway.policies.cache import CachePolicy, Purge
 from gateway.proxy import (
@@ -303,9 +303,7 @@ class Gateway:
         metrics = self.metrics
         route = exchange.route.name if exchange.route is not None else UNMATCHED
         elapsed = time.perf_counter() - exchange.started
-        metrics.request_duration.labels(method=method_label(exchange.method), route=route, status_code=str(status)).observe(elapsed)
-        metrics.request_bytes.labels(route=route).observe(exchange.bytes_in)
-        metrics.response_bytes.labels(route=route).observe(exchange.bytes_out)
+        metrics.answered(exchange.method, route, status, elapsed, exchange.bytes_in, exchange.bytes_out)
 
     def local_response(self, request: web.BaseRequest, status: int, detail: str) -> web.Response:
         """A problem response for a request that never reached the pipeline (a malformed head),
@@ -366,7 +364,7 @@ class Gateway:
         target = exchange.target or "none"
         elapsed = time.perf_counter() - sent
         exchange.upstream_ms = round(elapsed * 1000, 3)
-        self.metrics.upstream_duration.labels(upstream=route.upstream.name, target=target, status_code=outcome).observe(elapsed)
+        self.metrics.upstream_answered(route.upstream.name, target, outcome, elapsed)
 
     def _route(self, runtime: Runtime, exchange: Exchange) -> tuple[Reply | None, Pipeline]:
         """Check the head, normalise the path, find the route; a Reply when there is none."""

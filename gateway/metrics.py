@@ -83,6 +83,33 @@ class Metrics:
         self.config_reloads = Counter("config_reloads", "Config reloads by result.", ("result",), registry=r)
         self.build_info = Gauge("gateway_build_info", "The running gateway's version.", ("version",), registry=r, **live_max)
         self.build_info.labels(version=version or "unknown").set(1)
+        # labels() costs a lock and a dict build per call: the children of the per-request
+        # metrics are looked up once per label set (all bounded, see above) and kept.
+        self._answered: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self._upstream: dict[tuple[str, str, str], Any] = {}
+
+    def answered(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+        """One request answered: its duration and body sizes."""
+        key = (method_label(method), route, status)
+        children = self._answered.get(key)
+        if children is None:
+            children = self._answered[key] = (
+                self.request_duration.labels(method=key[0], route=route, status_code=str(status)),
+                self.request_bytes.labels(route=route),
+                self.response_bytes.labels(route=route),
+            )
+        duration, request_bytes, response_bytes = children
+        duration.observe(seconds)
+        request_bytes.observe(bytes_in)
+        response_bytes.observe(bytes_out)
+
+    def upstream_answered(self, upstream: str, target: str, outcome: str, seconds: float) -> None:
+        """One upstream attempt: the time until its response head (or its failure)."""
+        key = (upstream, target, outcome)
+        child = self._upstream.get(key)
+        if child is None:
+            child = self._upstream[key] = self.upstream_duration.labels(upstream=upstream, target=target, status_code=outcome)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         """The text format of every metric; in multiprocess mode, of every worker together."""

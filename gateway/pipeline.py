@@ -18,11 +18,12 @@ from multidict import CIMultiDict
 from gateway.errors import DependencyUnavailable, problem_body, problem_headers
 
 if TYPE_CHECKING:
-    from aiohttp import ClientResponse, web
+    from aiohttp import web
 
     from gateway.errors import ConfigIssue
     from gateway.routing import Route
     from gateway.stores.base import Store
+    from gateway.upstream_http import Response
 
 log = logging.getLogger("gateway")
 
@@ -83,7 +84,7 @@ class Reply:
     status: int
     headers: CIMultiDict[str]
     body: bytes = b""
-    upstream: "ClientResponse | None" = None
+    upstream: "Response | None" = None
 
 
 def problem(

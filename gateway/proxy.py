@@ -1,4 +1,4 @@
-"""Upstreams: one client session and pool each, balancing, retries, health, streaming both ways.
+"""Upstreams: one connection pool each, balancing, retries, health, streaming both ways.
 
 Bodies are never held whole: the client's body is read chunk by chunk as the upstream connection
 takes it, and the upstream's body is written to the client as it arrives, so memory stays flat
@@ -22,6 +22,7 @@ from yarl import URL
 from gateway.errors import NoHealthyTarget, UpstreamConnectError, UpstreamTimeout
 from gateway.forwarded import HOP_BY_HOP, connection_listed, strip_hop_by_hop
 from gateway.tls import client_context
+from gateway.upstream_http import Pool, ReadTimeout, Response
 
 if TYPE_CHECKING:
     from gateway.config import Upstream as UpstreamSettings
@@ -105,7 +106,11 @@ class Target:
 
 
 class Upstream:
-    """A named upstream: its targets, its pool (one ClientSession) and how it picks a target."""
+    """A named upstream: its targets, its pool and how it picks a target.
+
+    Requests go through the pool (gateway.upstream_http); WebSocket handshakes and active
+    health checks, which are rare, through aiohttp's client.
+    """
 
     def __init__(self, name: str, settings: "UpstreamSettings", clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
@@ -113,7 +118,8 @@ class Upstream:
         self.clock = clock
         self.targets = [Target(origin) for origin in settings.targets]
         self._next = 0
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: Pool | None = None
+        self.session: aiohttp.ClientSession | None = None  # WebSocket handshakes
         self._health_task: asyncio.Task[None] | None = None
         self.ssl = client_context(settings.tls.verify, settings.tls.ca_file)  # for https targets
 
@@ -121,18 +127,18 @@ class Upstream:
 
     async def start(self) -> None:
         settings = self.settings
-        connector = aiohttp.TCPConnector(
-            limit=settings.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=settings.keepalive_timeout or None,
-            force_close=settings.keepalive_timeout == 0,
-            ttl_dns_cache=10,
-            ssl=self.ssl,
+        # The connect timeout counts from the connect, not from the wait for a free slot: that
+        # wait is not the target's failure and must not count against its health.
+        self.pool = Pool(
+            settings.max_connections,
+            settings.keepalive_timeout,
+            settings.timeouts.connect,
+            settings.timeouts.read,
+            self.ssl,
+            settings.tls.server_name,
         )
         self.session = _proxy_session(
-            connector,
-            # sock_connect, not connect: waiting for a free pooled connection is not the
-            # target's failure and must not count against its health.
+            aiohttp.TCPConnector(limit=0, force_close=True, ssl=self.ssl),
             aiohttp.ClientTimeout(total=None, connect=None, sock_connect=settings.timeouts.connect, sock_read=settings.timeouts.read),
         )
         if settings.health.active is not None:
@@ -143,6 +149,8 @@ class Upstream:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        if self.pool is not None:
+            await self.pool.close()
         if self.session is not None:
             await self.session.close()
 
@@ -211,13 +219,10 @@ class Upstream:
         return target.host_header
 
     def url(self, target: Target, exchange: "Exchange") -> URL:
-        raw = target.origin + exchange.path
-        if exchange.query:
-            raw += "?" + exchange.query
-        return URL(raw, encoded=True)
+        return URL(target.origin + _request_target(exchange), encoded=True)
 
     @contextlib.asynccontextmanager
-    async def forward(self, exchange: "Exchange", body: RequestBody | bytes | None) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def forward(self, exchange: "Exchange", body: RequestBody | bytes | None) -> AsyncIterator[Response]:
         """Send the exchange's request; yield the upstream response with its headers read.
 
         Idempotent requests are retried on another target after a connect error, a dropped
@@ -225,13 +230,15 @@ class Upstream:
         UpstreamConnectError (502), UpstreamTimeout (504), NoHealthyTarget (503) or
         ClientBodyError (408/400, the client's fault).
         """
-        assert self.session is not None
+        pool = self.pool
+        assert pool is not None
         method = exchange.method
         attempts = 1 + (self.settings.retries if method in IDEMPOTENT else 0)
         headers = exchange.upstream_headers
         stream = body if isinstance(body, RequestBody) else None  # bytes (read by a policy) can be sent again
         tried: list[Target] = []
-        response: aiohttp.ClientResponse | None = None
+        request_target = _request_target(exchange)
+        response: Response | None = None
         target: Target | None = None
         for attempt in range(attempts):
             try:
@@ -244,15 +251,13 @@ class Upstream:
             headers["Host"] = self.host_header(target, exchange)
             target.in_flight += 1
             try:
-                response = await self.session.request(
-                    method, self.url(target, exchange), headers=headers, data=body, allow_redirects=False, server_hostname=self.settings.tls.server_name
-                )
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                response = await pool.request(target.origin, method, request_target, headers, body)
+            except (ConnectionError, TimeoutError) as exc:
                 target.in_flight -= 1
                 if stream is not None and stream.error is not None:
                     raise stream.error from None
                 self._failed(target)
-                timed_out = isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
+                timed_out = isinstance(exc, ReadTimeout)
                 log.info(
                     "upstream attempt failed",
                     extra={"upstream": self.name, "target": target.origin, "error": type(exc).__name__, "request_id": exchange.request_id},
@@ -282,10 +287,7 @@ class Upstream:
             yield response
         finally:
             target.in_flight -= 1
-            if response.content.at_eof():
-                response.release()
-            else:
-                response.close()
+            response.release()
 
     def _has_untried(self, tried: list[Target]) -> bool:
         now = self.clock()
@@ -336,7 +338,11 @@ def _proxy_session(connector: aiohttp.BaseConnector, timeout: aiohttp.ClientTime
     )
 
 
-def response_headers(upstream: aiohttp.ClientResponse):  # type: ignore[no-untyped-def]
+def _request_target(exchange: "Exchange") -> str:
+    return exchange.path + "?" + exchange.query if exchange.query else exchange.path
+
+
+def response_headers(upstream: Response):  # type: ignore[no-untyped-def]
     """The upstream's response headers minus hop-by-hop ones (RFC 9110 §7.6.1)."""
     headers = upstream.headers
     listed = connection_listed(headers) if "Connection" in headers else set()  # type: ignore[arg-type]
@@ -352,10 +358,10 @@ async def send(request: web.BaseRequest, reply: "Reply", exchange: "Exchange") -
     response = web.StreamResponse(status=reply.status, reason=upstream.reason, headers=reply.headers)
     await response.prepare(request)
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.chunks():
             exchange.bytes_out += len(chunk)
             await response.write(chunk)
-    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
         # The status line is gone: the only honest signal left is to cut the connection, so the
         # client sees a truncated body rather than a complete-looking one.
         side = "client" if isinstance(exc, ConnectionResetError) else "upstream"

@@ -86,9 +86,12 @@ def redirect_app(https_port: int) -> web.Server:
     return web.Server(redirect)
 
 
-def client_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
-    """What the upstream pool passes as ``ssl``: a verifying context (the system's CAs, or the
-    configured file's), or False to skip verification."""
+def client_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
+    """The context of TLS connections to an upstream: verifying (the system's CAs, or the
+    configured file's), or, with ``verify: false``, accepting any certificate."""
     if not verify:
-        return False
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
     return ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
