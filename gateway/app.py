@@ -36,6 +36,7 @@ from gateway.body import forwarded_body
 from gateway.config import METHODS, GatewayConfig, effective_blocks, load_config
 from gateway.errors import ConfigError, DependencyUnavailable, NoHealthyTarget, UpstreamError, problem_body, problem_headers
 from gateway.forwarded import Forwarding, traceparent
+from gateway.ids import new_request_id
 from gateway.metrics import UNMATCHED, Metrics
 from gateway.pipeline import Exchange, Pipeline, Policy, PolicyContext, Reply, problem
 from gateway.policies.cache import CachePolicy, Purge
@@ -76,10 +77,6 @@ def _is_utf8(value: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def new_request_id() -> str:
-    return os.urandom(16).hex()
 
 
 class Runtime:
@@ -321,8 +318,8 @@ class Gateway:
         route = exchange.route
         if reply is None and route is not None:
             pipeline = route.pipeline
-            exchange.upstream_headers = headers = runtime.forwarding.upstream_headers(request, request.remote, exchange.request_id)
-            headers["traceparent"], exchange.trace_id = traceparent(request.headers.get("traceparent"))
+            exchange.forwarding = runtime.forwarding
+            exchange.traceparent, exchange.trace_id = traceparent(request.headers.get("traceparent"))
             reply = await pipeline.on_request(exchange)
             if reply is None:
                 body = forwarded_body(exchange)  # read (and maybe rewritten) by a policy

@@ -9,11 +9,12 @@ untrusted client cannot make the upstream believe another address or scheme. ``F
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from typing import TYPE_CHECKING, Iterable
 
 from multidict import CIMultiDict
+
+from gateway.ids import random_hex
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -132,5 +133,5 @@ def traceparent(incoming: str | None) -> tuple[str, str]:
         match = _TRACEPARENT.match(incoming.strip())
         if match and match.group(1) != "0" * 32 and match.group(2) != "0" * 16:
             return incoming.strip(), match.group(1)
-    trace_id = os.urandom(16).hex()
-    return f"00-{trace_id}-{os.urandom(8).hex()}-00", trace_id
+    trace_id = random_hex(16)
+    return f"00-{trace_id}-{random_hex(8)}-00", trace_id

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.errors import ConfigIssue
+    from gateway.forwarded import Forwarding
     from gateway.routing import Route
     from gateway.stores.base import Store
     from gateway.upstream_http import Response
@@ -42,7 +43,9 @@ class Exchange:
         "match_path",
         "query",
         "route",
-        "upstream_headers",
+        "forwarding",
+        "traceparent",
+        "_upstream_headers",
         "subject",
         "started",
         "target",
@@ -64,7 +67,9 @@ class Exchange:
         self.match_path = ""  # its percent-decoded form
         self.query = ""  # the raw query string, forwarded as sent
         self.route: Route | None = None
-        self.upstream_headers: CIMultiDict[str] = CIMultiDict()  # the request headers to forward
+        self.forwarding: Forwarding | None = None  # builds upstream_headers (set when routed)
+        self.traceparent = ""  # sent upstream
+        self._upstream_headers: CIMultiDict[str] | None = None
         self.subject: str | None = None  # the authenticated user, set by an auth policy
         self.started = started
         self.target: str | None = None  # the upstream target that answered
@@ -75,6 +80,24 @@ class Exchange:
         self.state: dict[str, Any] = {}  # what a policy's request hook leaves for its response hook
         self.trace_id: str | None = None  # W3C trace id, logged so logs join traces
         self.upstream_ms: float | None = None  # until the upstream's response head
+
+    @property
+    def upstream_headers(self) -> CIMultiDict[str]:
+        """The request headers to forward, built when first needed (a cache hit or a refusal
+        never needs them)."""
+        headers = self._upstream_headers
+        if headers is None:
+            if self.forwarding is None:
+                headers = CIMultiDict()
+            else:
+                headers = self.forwarding.upstream_headers(self.request, self.request.remote, self.request_id)
+                headers["traceparent"] = self.traceparent
+            self._upstream_headers = headers
+        return headers
+
+    @upstream_headers.setter
+    def upstream_headers(self, headers: CIMultiDict[str]) -> None:
+        self._upstream_headers = headers
 
 
 @dataclass(slots=True)

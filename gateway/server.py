@@ -31,7 +31,8 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from yarl import URL
 
 from gateway.access_log import setup_logging
-from gateway.app import Gateway, new_request_id
+from gateway.app import Gateway
+from gateway.ids import new_request_id
 from gateway.config import GatewayConfig, ListenLimits, load_config
 from gateway.errors import ConfigError, problem_body
 from gateway.metrics import MULTIPROC_ENV
@@ -66,33 +67,45 @@ class GatewayProtocol(web.RequestHandler):
         super().__init__(manager, **kwargs)
         self._limits = manager.limits
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_deadline: float | None = None  # while a request head is awaited
+
+    # The head timer is moved lazily: each request only notes when its head started (a timer
+    # cancelled and made again per request cost more than the rest of the bookkeeping here).
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._start_head_timer()
+        self._await_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._cancel_head_timer()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and not self._request_in_progress:
-            self._start_head_timer()  # the first bytes of the next request on this connection
-        queued = len(self._messages)
-        super().data_received(data)
-        if len(self._messages) > queued or self._request_in_progress:
-            self._cancel_head_timer()
-
-    def _start_head_timer(self) -> None:
-        self._head_timer = asyncio.get_running_loop().call_later(self._limits.header_timeout, self._head_timed_out)
-
-    def _cancel_head_timer(self) -> None:
+        self._head_deadline = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        super().connection_lost(exc)
 
-    def _head_timed_out(self) -> None:
+    def data_received(self, data: bytes) -> None:
+        if self._head_deadline is None and not self._request_in_progress:
+            self._await_head()  # the first bytes of the next request on this connection
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued or self._request_in_progress:
+            self._head_deadline = None
+
+    def _await_head(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._head_deadline = loop.time() + self._limits.header_timeout
+        if self._head_timer is None:
+            self._head_timer = loop.call_at(self._head_deadline, self._check_head)
+
+    def _check_head(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # no head awaited now: the next one starts the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() + 0.001 < deadline:
+            self._head_timer = loop.call_at(deadline, self._check_head)
+            return
         if self._request_in_progress or self.transport is None:
             return
         self.transport.write(_raw_problem(408, "Request Timeout"))
