@@ -150,7 +150,7 @@ def host_pattern(host: str | None) -> str | None:
 
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: uri-host [":" port], where uri-host is an IP-literal or a
 # reg-name (unreserved, pct-encoded, sub-delims; may be empty). No userinfo, no spaces, no '/'.
-_HOST = re.compile(r"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]+|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 
 
 def valid_host(header: str) -> bool:

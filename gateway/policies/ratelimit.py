@@ -29,6 +29,7 @@ Kong, Envoy's ratelimit service and nginx limit_req users expect:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import math
@@ -150,6 +151,7 @@ class Limit:
         return "-"  # route, global
 
 
+@functools.lru_cache(maxsize=4096)  # a flooding client's key comes again and again
 def partition_key(key: str) -> str:
     """express-rate-limit's draft-8 pk: base64 of the first 12 hex digits of the key's SHA-256."""
     return base64.b64encode(hashlib.sha256(key.encode()).hexdigest()[:12].encode()).decode()
@@ -175,11 +177,13 @@ class RateLimitPolicy(Policy):
         self.fallback: MemoryStore = context.shared("rate_limit_fallback", FallbackStore)
         self.wall_ms = lambda: int(time.time() * 1000)
         self.denied: OrderedDict[str, int] = OrderedDict()  # key → until (ms): over the limit
-        if self.metrics is not None:  # every series exists from the start (rate() sees the first)
-            for limit in self.limits:
-                for decision in ("allowed", "denied", "dry_run"):
-                    self.metrics.rate_limit_decisions.labels(route=limit.route, limit=limit.label, decision=decision)
-            self.metrics.store_fallback.labels(mode=self.on_failure)
+        # Every series exists from the start (rate() sees the first), looked up once here.
+        self.decisions = {
+            (limit, decision): self.metrics.rate_limit_decisions.labels(route=limit.route, limit=limit.label, decision=decision)
+            for limit in self.limits
+            for decision in ("allowed", "denied", "dry_run")
+        }
+        self.metrics.store_fallback.labels(mode=self.on_failure)
 
     async def on_request(self, exchange: Exchange) -> Reply | None:
         now = self.wall_ms()
@@ -235,7 +239,7 @@ class RateLimitPolicy(Policy):
         denied = [i for i, outcome in enumerate(outcomes) if not outcome.allowed]
         for (limit, _), outcome in zip(applied, outcomes):
             decision = "allowed" if outcome.allowed else ("dry_run" if limit.settings.dry_run else "denied")
-            self.metrics.rate_limit_decisions.labels(route=limit.route, limit=limit.label, decision=decision).inc()
+            self.decisions[limit, decision].inc()
         if denied:
             chosen = max(denied, key=lambda i: outcomes[i].retry_ms)
         else:
