@@ -130,10 +130,13 @@ async def read_body(exchange: Exchange, max_body: int, guards: JsonGuards, timeo
         await request.writer.write(CONTINUE)  # the policies want the body: ask for it
     chunks: list[bytes] = []
     size = 0
+    content = request.content
     try:
         while True:
-            async with asyncio.timeout(timeout):  # listen.limits.body_timeout: between two reads
-                chunk = await request.content.readany()
+            chunk = content.read_nowait()  # what came with the head needs no timer
+            if not chunk:
+                async with asyncio.timeout(timeout):  # listen.limits.body_timeout: between two reads
+                    chunk = await content.readany()
             if not chunk:
                 break
             size += len(chunk)

@@ -53,8 +53,21 @@ class Cleaner:
         self.protocols = protocols
         self.html_out = output == "html" or bool(tags) or escape
         self.escape = escape
-        self._clean = self._nh3 if engine == "nh3" else self._bleach
-        if engine == "bleach":
+        if engine == "nh3":
+            import nh3
+
+            # One ammonia builder for the route, made here: nh3.clean() built one per string.
+            self._clean = nh3.Cleaner(
+                tags=set(tags),
+                clean_content_tags=set(CONTENT_DROPPED - tags),
+                # ammonia keeps lang and title on every allowed tag unless "*" says otherwise;
+                # only the configured attributes are kept (as with bleach).
+                attributes={"*": set(), **{tag: set(names) for tag, names in self.attributes.items()}},
+                url_schemes=set(protocols),
+                strip_comments=True,
+                link_rel=None,
+            ).clean
+        else:
             import bleach  # only when chosen
             from bleach.sanitizer import Cleaner as BleachCleaner
 
@@ -66,6 +79,7 @@ class Cleaner:
                 strip_comments=True,
             )
             self._bleach_module = bleach
+            self._clean = self._bleach
 
     def clean(self, value: str) -> str:
         if self.unchanged(value):
@@ -91,21 +105,6 @@ class Cleaner:
         if "<" not in value:
             return False
         return self.clean(value) != value
-
-    def _nh3(self, value: str) -> str:
-        import nh3
-
-        return nh3.clean(
-            value,
-            tags=set(self.tags),
-            clean_content_tags=set(CONTENT_DROPPED - self.tags),
-            # ammonia keeps lang and title on every allowed tag unless "*" says otherwise; only
-            # the configured attributes are kept (as with bleach).
-            attributes={"*": set(), **{tag: set(names) for tag, names in self.attributes.items()}},
-            url_schemes=set(self.protocols),
-            strip_comments=True,
-            link_rel=None,
-        )
 
     def _bleach(self, value: str) -> str:
         if not self.escape:
