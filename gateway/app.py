@@ -378,8 +378,9 @@ class Gateway:
         if head_size > runtime.max_header_size:
             return problem(exchange, 431, "the request headers are too large"), runtime.unrouted
         if undecodable:
-            # obs-text that is not UTF-8 (``X-A: caf\xe9``): aiohttp's client silently dropped
-            # such bytes, so the upstream saw another value than the policies did (``caf``).
+            # obs-text that is not UTF-8 (``X-A: caf\xe9``): aiohttp hands the policies a str
+            # holding surrogate escapes, which no check, log line or claim comparison reads as
+            # the client's bytes; refused rather than judged on a value nobody sent.
             exchange.path = ""
             return problem(exchange, 400, "a header value is not valid UTF-8"), runtime.unrouted
         if request.method == "CONNECT":

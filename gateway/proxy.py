@@ -346,7 +346,7 @@ def response_headers(upstream: Response):  # type: ignore[no-untyped-def]
     """The upstream's response headers minus hop-by-hop ones (RFC 9110 §7.6.1)."""
     headers = upstream.headers
     listed = connection_listed(headers) if "Connection" in headers else set()  # type: ignore[arg-type]
-    return strip_hop_by_hop(headers.items(), listed)
+    return strip_hop_by_hop(headers, listed)
 
 
 async def send(request: web.BaseRequest, reply: "Reply", exchange: "Exchange") -> web.StreamResponse:
