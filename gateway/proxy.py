@@ -22,7 +22,7 @@ from yarl import URL
 from gateway.errors import NoHealthyTarget, UpstreamConnectError, UpstreamTimeout
 from gateway.forwarded import HOP_BY_HOP, connection_listed, strip_hop_by_hop
 from gateway.tls import client_context
-from gateway.upstream_http import Pool, ReadTimeout, Response
+from gateway.upstream_http import IDEMPOTENT, Pool, ReadTimeout, Response
 
 if TYPE_CHECKING:
     from gateway.config import Upstream as UpstreamSettings
@@ -30,8 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.upstream")
 
-# RFC 9110 §9.2.2; only these are retried, and only while their body has not been sent.
-IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+# Only idempotent requests (RFC 9110 §9.2.2) are retried, and only while their body has not been sent.
 RETRY_STATUSES = frozenset((502, 503))
 FAILURE_STATUSES = frozenset((502, 503, 504))  # count against passive health (CONFIG.md)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

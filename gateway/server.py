@@ -32,7 +32,6 @@ from yarl import URL
 
 from gateway.access_log import setup_logging
 from gateway.app import Gateway
-from gateway.ids import new_request_id
 from gateway.config import GatewayConfig, ListenLimits, load_config
 from gateway.errors import ConfigError, problem_body
 from gateway.metrics import MULTIPROC_ENV

@@ -23,6 +23,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+# RFC 9110 §9.2.2: the only requests sent again by themselves.
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 # aiohttp sends Content-Length: 0 for a body-less request of any other method (RFC 9110 §8.6).
 NO_BODY_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"))
 MAX_HEAD = 64 * 1024  # an upstream's response head larger than this is refused (502)
@@ -409,9 +411,10 @@ class Pool:
     ) -> Response:
         """Send ``method target`` to ``origin``; the response with its head read.
 
-        A request sent on a reused connection that the upstream closed before answering (it
-        timed the connection out as the request left) is sent once more on a new connection when
-        its body can be sent again, as browsers and Go's client do.
+        An idempotent request sent on a reused connection that the upstream closed before
+        answering (it timed the connection out as the request left) is sent once more on a new
+        connection when its body can be sent again (RFC 9112 §9.3.1), as aiohttp's and Go's
+        clients do.
         """
         chunked = False
         if body is None:
@@ -429,7 +432,7 @@ class Pool:
         if text.count("\n") != len(lines) or text.count("\r") != len(lines):
             raise ValueError("a header value holds a line break")
         head = text.encode("utf-8", "surrogateescape")
-        replayable = not chunked and (body is None or isinstance(body, bytes))
+        replayable = method in IDEMPOTENT and (body is None or isinstance(body, bytes))
         await self._acquire()
         try:
             connection = await self._connection(origin)
