@@ -70,7 +70,6 @@ from benchmarks.common import (
     memory,
     move_to_cores,
     new_report,
-    payload,
     redis_change,
     redis_snapshot,
     rotation_files,
@@ -214,27 +213,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client = redis.Redis(port=redis_port, socket_timeout=5)
         client.ping()
 
-        www = scratch / "www"
-        www.mkdir()
-        document = www / "payload.json"
-        document.write_bytes(payload(1024))
-        for path in (www, document):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        upstream_port = free_port()
-        if os.path.exists(NGINX) and not args.no_nginx_upstream:
-            config = P.nginx_upstream_config(scratch, upstream_port, document)
-            upstream = processes.start(
-                "nginx-upstream", [NGINX, "-c", str(config), "-p", str(scratch), "-e", str(scratch / "nginx-upstream-error.log"), "-g", "daemon off;"], load_cores
-            )
-            upstream_kind = "nginx static"
-            report["configs"]["nginx_upstream"] = config.read_text()
-        else:
-            upstream = processes.start("upstream", [sys.executable, "-m", "benchmarks.profiles", "upstream", str(upstream_port), str(document)], load_cores, cwd=ROOT)
-            upstream_kind = "asyncio server"
-            if not os.path.exists(NGINX):
-                report["skipped"]["nginx"] = "nginx is not installed (apt-get install nginx-light)"
-        wait_for_port(upstream_port, upstream, processes, "nginx-upstream" if upstream_kind == "nginx static" else "upstream")
-        report["environment"]["upstream"] = upstream_kind
+        upstream, upstream_port, upstream_kind = P.start_upstream(processes, scratch, load_cores, report, nginx=not args.no_nginx_upstream)
+        if not os.path.exists(NGINX):
+            report["skipped"]["nginx"] = "nginx is not installed (apt-get install nginx-light)"
 
         jwks, tokens = P.mint()
         jwks_file = scratch / "jwks.json"

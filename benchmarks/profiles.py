@@ -360,6 +360,33 @@ def nginx_reference_config(scratch: Path, port: int, upstream_port: int) -> Path
     return path
 
 
+def start_upstream(processes: Any, scratch: Path, cores: list[int] | None, report: dict[str, Any], nginx: bool = True) -> tuple[Any, int, str]:
+    """The upstream of every runner: nginx serving a 1 KB JSON document when installed (and
+    ``nginx`` is wanted), else the asyncio server below. Records which in the report's
+    environment (and nginx's config under configs). Returns (process, port, kind)."""
+    from benchmarks.common import NGINX, ROOT, free_port, payload, wait_for_port
+
+    www = scratch / "www"
+    www.mkdir()
+    document = www / "payload.json"
+    document.write_bytes(payload(1024))
+    for path in (www, document):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    port = free_port()
+    if nginx and Path(NGINX).exists():
+        config = nginx_upstream_config(scratch, port, document)
+        name, kind = "nginx-upstream", "nginx static"
+        command = [NGINX, "-c", str(config), "-p", str(scratch), "-e", str(scratch / "nginx-upstream-error.log"), "-g", "daemon off;"]
+        upstream = processes.start(name, command, cores)
+        report.setdefault("configs", {})["nginx_upstream"] = config.read_text()
+    else:
+        name, kind = "upstream", "asyncio server"
+        upstream = processes.start(name, [sys.executable, "-m", "benchmarks.profiles", "upstream", str(port), str(document)], cores, cwd=ROOT)
+    wait_for_port(port, upstream, processes, name)
+    report["environment"]["upstream"] = kind
+    return upstream, port, kind
+
+
 def served_requests(stub_status: bytes) -> int:
     """The request count in a stub_status answer (nginx's or the asyncio upstream's)."""
     found = re.search(rb"^server accepts handled requests\s*\n\s*\d+\s+\d+\s+(\d+)", stub_status, re.MULTILINE)

@@ -107,7 +107,6 @@ from benchmarks.common import (
     interrupt,
     memory,
     new_report,
-    payload,
     process_tree,
     save_report,
     say,
@@ -620,23 +619,7 @@ def start(args: argparse.Namespace, scratch: Path, processes: Processes, report:
     redis_server = processes.start("redis", redis_command, load_cores)
     wait_for_port(ports["redis"], redis_server, processes, "redis")
 
-    www = scratch / "www"
-    www.mkdir()
-    document = www / "payload.json"
-    document.write_bytes(payload(1024))
-    for path in (www, document):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    ports["upstream"] = free_port()
-    if os.path.exists(NGINX):
-        config = P.nginx_upstream_config(scratch, ports["upstream"], document)
-        name = "nginx-upstream"
-        upstream = processes.start(name, [NGINX, "-c", str(config), "-p", str(scratch), "-e", str(scratch / "nginx-upstream-error.log"), "-g", "daemon off;"], load_cores)
-        report["environment"]["upstream"] = "nginx static"
-    else:
-        name = "upstream"
-        upstream = processes.start(name, [sys.executable, "-m", "benchmarks.profiles", "upstream", str(ports["upstream"]), str(document)], load_cores, cwd=ROOT)
-        report["environment"]["upstream"] = "asyncio server"
-    wait_for_port(ports["upstream"], upstream, processes, name)
+    upstream, ports["upstream"], _ = P.start_upstream(processes, scratch, load_cores, report)
 
     say(f"minting {USERS} RS256 tokens…")
     jwks, tokens = P.mint(USERS)

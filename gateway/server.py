@@ -34,6 +34,7 @@ from gateway.access_log import setup_logging
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, ListenLimits, load_config
 from gateway.errors import ConfigError, problem_body
+from gateway.ids import new_request_id
 from gateway.metrics import MULTIPROC_ENV
 from gateway.policies.warm import warm_forever
 from gateway.tls import Certificates, redirect_app
@@ -311,7 +312,9 @@ async def serve(path: str, config: GatewayConfig, reuse_port: bool = False) -> N
 
 
 def worker_count(config: GatewayConfig) -> int:
-    return (os.cpu_count() or 1) if config.workers == "auto" else int(config.workers)
+    """``workers: auto`` is one per core this process may run on (taskset, cpusets), not per
+    core of the machine."""
+    return len(os.sched_getaffinity(0)) if config.workers == "auto" else int(config.workers)
 
 
 def run(path: str, config: GatewayConfig) -> int:

@@ -178,10 +178,10 @@ def test_the_services_the_budget_and_the_ingress_reach_the_pods_and_prometheus_s
     assert container_port(http["targetPort"]) == config.listen.port
     (scrape,) = admin["spec"]["ports"]
     assert config.admin is not None and container_port(scrape["targetPort"]) == config.admin.port
-    for annotations in (admin["metadata"]["annotations"], one("Deployment")["spec"]["template"]["metadata"]["annotations"]):
-        assert annotations["prometheus.io/scrape"] == "true"
-        assert int(annotations["prometheus.io/port"]) == config.admin.port
-        assert annotations["prometheus.io/path"] == "/metrics"
+    for pod_annotations in (admin["metadata"]["annotations"], one("Deployment")["spec"]["template"]["metadata"]["annotations"]):
+        assert pod_annotations["prometheus.io/scrape"] == "true"
+        assert int(pod_annotations["prometheus.io/port"]) == config.admin.port
+        assert pod_annotations["prometheus.io/path"] == "/metrics"
     assert one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
     (rule,) = one("Ingress")["spec"]["rules"]

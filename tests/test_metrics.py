@@ -9,7 +9,6 @@ import uuid
 from typing import Any
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import base_config
