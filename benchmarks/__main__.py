@@ -70,6 +70,7 @@ from benchmarks.common import (
     memory,
     move_to_cores,
     new_report,
+    nginx_errors,
     redis_change,
     redis_snapshot,
     rotation_files,
@@ -535,10 +536,7 @@ def log_findings(target: str, processes: Processes, scratch: Path, gateway_logs:
         out += [f"node log: {n}x {what}" for what, n in groups.items()]
     elif target in ("nginx", "direct"):
         name = "nginx-proxy-error.log" if target == "nginx" else "nginx-upstream-error.log"
-        path = scratch / name
-        if path.exists():
-            serious = [line for line in path.read_text(errors="replace").splitlines() if any(f"[{w}]" in line for w in ("warn", "error", "crit", "alert", "emerg"))]
-            out += [f"{name}: {line[:300]}" for line in serious[:10]]
+        out += nginx_errors(scratch / name, ("warn", "error", "crit", "alert", "emerg"))
     return out
 
 

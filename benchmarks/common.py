@@ -173,6 +173,14 @@ def cores_busy(cores: Sequence[int] | None) -> float:
     return busy / ticks
 
 
+def nginx_errors(log: Path, levels: tuple[str, ...] = ("error", "crit", "alert", "emerg")) -> list[str]:
+    """Findings from an nginx error log: its lines at these levels (at most ten)."""
+    if not log.exists():
+        return []
+    serious = [line for line in log.read_text(errors="replace").splitlines() if any(f"[{level}]" in line for level in levels)]
+    return [f"{log.name}: {line[:300]}" for line in serious[:10]]
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes], processes: Processes, name: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -40,6 +40,7 @@ import redis
 
 from benchmarks.common import (
     ROOT,
+    Processes,
     cores_busy,
     cpu_plan,
     cpu_seconds,
@@ -50,7 +51,7 @@ from benchmarks.common import (
     load_benchmark_main,
     load_tool,
     new_report,
-    Processes,
+    nginx_errors,
     run_load,
     say,
     spread,
@@ -277,10 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             load_ends = [run["ended"] for run in report["runs"]]
             report["findings"] += log_findings(name, processes.log_text(f"gateway-{name}"), load_ends)
             report.setdefault("gateway_logs", {})[name] = processes.log_text(f"gateway-{name}")[-5000:]
-        nginx_log = scratch / "nginx-error.log"
-        if nginx_log.exists():
-            serious = [line for line in nginx_log.read_text(errors="replace").splitlines() if any(f"[{w}]" in line for w in ("error", "crit", "alert", "emerg"))]
-            report["findings"] += [f"nginx error log: {line[:300]}" for line in serious[:10]]
+        report["findings"] += nginx_errors(scratch / "nginx-error.log")
     finally:
         tear_down(previous_term, processes, scratch, args.keep, report["findings"])
     report["summary"] = summarise(report)

@@ -47,6 +47,7 @@ from typing import Any
 from benchmarks.common import (
     NGINX,
     ROOT,
+    Processes,
     cores_busy,
     cpu_plan,
     cpu_seconds,
@@ -56,7 +57,7 @@ from benchmarks.common import (
     load_benchmark_main,
     load_tool,
     new_report,
-    Processes,
+    nginx_errors,
     run_load,
     say,
     spread,
@@ -694,10 +695,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in gateways:
             findings += log_findings(name, processes.log_text(f"gateway-{name}"))
             report.setdefault("gateway_logs", {})[name] = processes.log_text(f"gateway-{name}")[-5000:]
-        nginx_log = scratch / "nginx-error.log"
-        if nginx_log.exists():
-            serious = [line for line in nginx_log.read_text(errors="replace").splitlines() if any(f"[{w}]" in line for w in ("error", "crit", "alert", "emerg"))]
-            findings += [f"nginx error log: {line[:300]}" for line in serious[:10]]
+        findings += nginx_errors(scratch / "nginx-error.log")
         recorder_log = processes.log_text("recorder").strip()
         if recorder_log:
             findings.append(f"recorder log: {recorder_log[-500:]}")

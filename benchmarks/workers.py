@@ -66,6 +66,7 @@ from benchmarks.common import (
     load_tool,
     memory,
     new_report,
+    nginx_errors,
     process_tree,
     run_and_save,
     run_load,
@@ -344,10 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             text = processes.log_text(gateway["name"])
             report["findings"] += log_findings(f"w{value}", text, load_ends)
             report.setdefault("gateway_logs", {})[value] = text[-3000:]
-        nginx_log = scratch / "nginx-upstream-error.log"
-        if nginx_log.exists():
-            serious = [line for line in nginx_log.read_text(errors="replace").splitlines() if any(f"[{w}]" in line for w in ("error", "crit", "alert", "emerg"))]
-            report["findings"] += [f"nginx-upstream error log: {line[:300]}" for line in serious[:10]]
+        report["findings"] += nginx_errors(scratch / "nginx-upstream-error.log")
     finally:
         tear_down(previous_term, processes, scratch, args.keep, report["findings"])
         report["environment"]["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
