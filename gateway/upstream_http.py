@@ -144,7 +144,8 @@ class Connection(asyncio.Protocol):
         self.head_only = False  # a HEAD request: the answer has no body whatever it says
         self.reason = bytearray()
         self.raw_headers: list[tuple[str, str]] = []
-        self.head_size = 0
+        self.head_size = 0  # of the header lines parsed (several heads when some are interim)
+        self.head_bytes = 0  # received before the final head was complete
         self.received = False  # any byte of the current answer arrived
         self.reused = False
         self.keep_alive = False
@@ -169,6 +170,7 @@ class Connection(asyncio.Protocol):
         self.head = self.loop.create_future()
         self.response = None
         self.head_only = head_only
+        self.head_size = self.head_bytes = 0
         self.received = False
         self.keep_alive = False
         if body is None:
@@ -240,6 +242,8 @@ class Connection(asyncio.Protocol):
         if parser is None:  # bytes on an idle connection: the upstream is out of step
             self.close()
             return
+        if self.response is None:
+            self.head_bytes += len(data)  # an unfinished line is no on_header yet: count bytes too
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -249,6 +253,10 @@ class Connection(asyncio.Protocol):
             if self.head_only and self.response is not None:
                 return  # _on_head_only stopped the parser after a HEAD's head, as meant
             self._fail(Dropped("the upstream's answer is not valid HTTP/1.1"))
+            self.close()
+            return
+        if self.response is None and self.head_bytes > MAX_HEAD:
+            self._fail(Dropped("the upstream's response head is too large"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -287,10 +295,11 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.reason.clear()
         self.raw_headers = []
-        self.head_size = 0
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
+        if len(self.reason) > MAX_HEAD:
+            raise Dropped("the upstream's status line is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
