@@ -135,6 +135,8 @@ async def read_body(exchange: Exchange, max_body: int, guards: JsonGuards, timeo
         while True:
             chunk = content.read_nowait()  # what came with the head needs no timer
             if not chunk:
+                if content.at_eof():
+                    break
                 async with asyncio.timeout(timeout):  # listen.limits.body_timeout: between two reads
                     chunk = await content.readany()
             if not chunk:

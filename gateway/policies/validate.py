@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import datetime
 import re
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import phonenumbers
 import validators
@@ -185,14 +185,27 @@ def _date_time(value: str) -> bool:
     return True
 
 
-# validators.* return a falsy ValidationError instead of raising: test truthiness.
+def _checker(check: Callable[..., Any]) -> Callable[[str, str | None], bool]:
+    """A validators.* check called without its decorator, which reads os.environ on every call
+    (RAISE_VALIDATION_ERROR) and turns these exceptions into a falsy ValidationError."""
+    plain = getattr(check, "__wrapped__", check)
+
+    def test(value: str, region: str | None) -> bool:
+        try:
+            return bool(plain(value))
+        except (ValueError, TypeError, UnicodeError):
+            return False
+
+    return test
+
+
 FORMATS = {
-    "email": lambda v, r: bool(validators.email(v)),
-    "url": lambda v, r: bool(validators.url(v)),
-    "uuid": lambda v, r: bool(validators.uuid(v)),
-    "ipv4": lambda v, r: bool(validators.ipv4(v)),
-    "ipv6": lambda v, r: bool(validators.ipv6(v)),
-    "domain": lambda v, r: bool(validators.domain(v)),
+    "email": _checker(validators.email),
+    "url": _checker(validators.url),
+    "uuid": _checker(validators.uuid),
+    "ipv4": _checker(validators.ipv4),
+    "ipv6": _checker(validators.ipv6),
+    "domain": _checker(validators.domain),
     "phone": _phone,
     "date": lambda v, r: _date(v),
     "date-time": lambda v, r: _date_time(v),
