@@ -48,9 +48,13 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# One encoder: json.dumps with any argument of its own builds a new JSONEncoder per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def _format(fields: dict[str, Any], as_json: bool) -> str:
     if as_json:
-        return json.dumps(fields, separators=(",", ":"), default=str)
+        return _JSON.encode(fields)
     return " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
 
 

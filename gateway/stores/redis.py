@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.errors import DependencyUnavailable
 from gateway.stores.base import Hit, Outcome, Store
@@ -53,6 +53,15 @@ T = TypeVar("T")
 def _host_port(url: str) -> tuple[str, int]:
     parsed = aioredis.connection.parse_url(url)
     return parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379))
+
+
+def _command(*args: Any) -> bytes:
+    """One command in RESP, as redis-py writes it: strings as UTF-8, numbers in decimal."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def make_client(settings: Any) -> tuple[Any, list[Any]]:
@@ -261,16 +270,12 @@ class RedisStore(Store):
                     future.set_result(answer)
 
     async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        # EVALSHA by hand: redis-py's scripts in a pipeline send SCRIPT EXISTS before each one.
         answers: list[Any] = [None] * len(batch)
         todo = list(range(len(batch)))
         for attempt in range(2):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    keys, args, _ = batch[i]
-                    pipe.evalsha(self._decide.sha, len(keys), *keys, *args)
-                for i, answer in zip(todo, await pipe.execute(raise_on_error=False)):
-                    answers[i] = answer
+            commands = [_command("EVALSHA", self._decide.sha, len(keys), *keys, *args) for keys, args, _ in (batch[i] for i in todo)]
+            for i, answer in zip(todo, await self._send_commands(commands)):
+                answers[i] = answer
             # After a restart or SCRIPT FLUSH: load it and send again only the decisions that did
             # not run (another client may load it between two commands of this pipeline, and a
             # decision that ran must not count twice).
@@ -279,6 +284,29 @@ class RedisStore(Store):
                 break
             await self.client.script_load(DECIDE_SCRIPT)
         return [DependencyUnavailable(f"redis: {a}") if isinstance(a, Exception) else a for a in answers]
+
+    async def _send_commands(self, commands: list[bytes]) -> list[Any]:
+        """Commands written to one pooled connection in one write; their replies in order, an
+        error reply as its exception. redis-py's pipeline cost several times the round trip in
+        Python (command objects, retries, observability hooks), and its scripts in a pipeline
+        send SCRIPT EXISTS before each one."""
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(b"".join(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            # Replies left unread would answer this connection's next user: drop it.
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
+        return replies
 
     async def index_add(self, index: str, members: Sequence[str], expires_ms: int, now_ms: int) -> None:
         keys = [self._key(index), self._key(index + INDEX_EXPIRY)]
