@@ -267,7 +267,7 @@ class CachePolicy(Policy):
         super().__init__(settings, context)
         self.store = context.store
         self.route = context.route or UNMATCHED
-        self.local = LocalLayer(settings.local_size) if context.store.shared and settings.local_size else None
+        self.local = LocalLayer(settings.local_size) if settings.local_size else None
         self.news: CacheNews | None = None
         if self.local is not None and context.store.broadcasts:
             self.news = context.shared("cache_news", lambda: CacheNews(context.store))
@@ -367,10 +367,11 @@ class CachePolicy(Policy):
             await self.news.publish(keys)
 
     def _find_local(self, key: str, headers: Any) -> tuple[str, Entry] | None:
-        """The entry this process holds for the request, when it may answer without Redis."""
-        if self.news is None or not self.news.live:
+        """The entry this process holds, decoded, when it may answer without asking the store:
+        always in front of the process's own memory store (every write and removal passes here),
+        in front of Redis while the other processes' removals are heard (CacheNews)."""
+        if self.local is None or (self.store.shared and (self.news is None or not self.news.live)):
             return None
-        assert self.local is not None
         vary, generation = self._index(self.local.get(key + ":vary"))
         variant = self._variant(key, vary, headers, generation)
         entry = self.local.entry(variant)
