@@ -359,13 +359,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             return entry
 
+        failed: set[str] = set()  # targets whose server stopped answering: left out from then on
+
+        def measure_or_note(key: str, target: str, phase: str, round_: int | None, seconds: float) -> None:
+            if target in failed:
+                return
+            try:
+                measure(key, target, phase, round_, seconds)
+            except RuntimeError as exc:  # the load generator could not reach the server
+                failed.add(target)
+                report["findings"].append(f"{key}/{target}: {str(exc).splitlines()[-1]} — {target} left out of the rest of the run")
+                say(f"{key} {target}: {str(exc).splitlines()[-1]}; {target} is left out of the rest of the run")
+
         for key in chosen:
             say(f"profile {key}: {P.PROFILES[key].title}")
             for target in rows(key):
-                measure(key, target, "warmup", None, args.warmup)
+                measure_or_note(key, target, "warmup", None, args.warmup)
             for round_ in range(1, args.rounds + 1):
                 for target in rows(key):
-                    measure(key, target, "round", round_, args.seconds)
+                    measure_or_note(key, target, "round", round_, args.seconds)
 
         # Metrics the gateway and node recorded for the api profile (the policy is on, and counts).
         if "api" in chosen:
