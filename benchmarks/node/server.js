@@ -44,7 +44,12 @@ const problem = (res, status, detail, extra = {}) =>
 
 // One keep-alive pool towards the upstream, shared by every route (as the gateway has one per upstream).
 const agent = new http.Agent({ keepAlive: true, maxSockets: 100, keepAliveMsecs: 15000 })
-const proxy = (extra = {}) => createProxyMiddleware({ target: UPSTREAM, agent, xfwd: true, ...extra })
+const proxyFailed = (error, req, res) => {
+  console.error(JSON.stringify({ level: 'error', message: `proxy: ${error.code || ''} ${error.message}`, path: req.url }))
+  if (!res.headersSent) problem(res, 502, 'the upstream could not be reached')
+}
+const proxy = ({ on = {}, ...extra } = {}) =>
+  createProxyMiddleware({ target: UPSTREAM, agent, xfwd: true, on: { error: proxyFailed, ...on }, ...extra })
 
 const app = express()
 app.disable('x-powered-by')
