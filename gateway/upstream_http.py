@@ -514,9 +514,12 @@ class Pool:
 
     def lost(self, connection: Connection) -> None:
         self.every.discard(connection)
-        if connection.idle_handle is not None:
+        if connection.idle_handle is not None:  # it was idle: out of the idle list too
             connection.idle_handle.cancel()
             connection.idle_handle = None
+            idle = self.idle.get(connection.origin)
+            if idle and connection in idle:
+                idle.remove(connection)
 
     # -- the in-use limit -----------------------------------------------------------------------
 
