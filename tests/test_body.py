@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from gateway.body import JsonGuards, _check, _within_guards
 from gateway.policies.sanitize import might_hold_markup
 from tests.conftest import base_config
 
@@ -53,3 +57,34 @@ async def test_with_html_output_a_body_without_markup_is_still_escaped(upstream,
     async with client.post(gateway.url + "/p", json={"title": "Tom & Jerry"}) as response:
         assert response.status == 200
     assert json.loads(upstream.requests[0].body) == {"title": "Tom &amp; Jerry"}
+
+
+LONE_SURROGATE = st.builds("{}{}{}".format, st.text(max_size=6), st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"]), st.text(max_size=6))
+TEXT = st.text(max_size=20) | LONE_SURROGATE
+JSON_DOCUMENTS = st.recursive(
+    st.none() | st.booleans() | st.integers() | TEXT,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(TEXT, children, max_size=5),
+    max_leaves=25,
+)
+
+
+@settings(derandomize=True, max_examples=800, deadline=None)
+@example(document={"bio": "\ud800"}, ascii_only=True, guards=JsonGuards())  # an escaped lone surrogate
+@example(document=["abcd"], ascii_only=True, guards=JsonGuards(max_string=3))
+@example(document=[[[1]]], ascii_only=True, guards=JsonGuards(max_depth=2))
+@example(document=[1, 2, 3], ascii_only=True, guards=JsonGuards(max_members=2))
+@given(
+    document=JSON_DOCUMENTS,
+    ascii_only=st.booleans(),
+    guards=st.builds(JsonGuards, max_depth=st.integers(1, 5), max_members=st.integers(1, 6), max_string=st.integers(1, 24)),
+)
+def test_a_body_the_text_bounds_pass_is_one_the_guard_walk_passes(document: Any, ascii_only: bool, guards: JsonGuards) -> None:
+    """The walk over a parsed body is skipped when the text's bounds hold: that may never let
+    through a body the walk refuses (too deep, too many members, a long string, a lone surrogate)."""
+    raw = json.dumps(document, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # not a body parse_json reads at all (it refuses it as not UTF-8)
+    if _within_guards(raw, guards):
+        _check(json.loads(raw), guards, 1)  # raises BodyError when a guard is broken
