@@ -44,8 +44,22 @@ ACCESS_FIELDS = (
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC with milliseconds (``2026-11-29T14:01:38.214Z``); the date and time of day are
+    formatted once per second, not per line."""
+    global _second  # a one-entry memo shared by the two writer threads (a race only recomputes)
+    whole = int(timestamp)
+    micro = round((timestamp - whole) * 1e6)  # rounded as datetime.fromtimestamp rounds
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    second, text = _second
+    if whole != second:
+        text = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (whole, text)
+    return f"{text}.{micro // 1000:03d}Z"
 
 
 # One encoder: json.dumps with any argument of its own builds a new JSONEncoder per call.
