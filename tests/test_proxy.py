@@ -393,6 +393,17 @@ async def test_the_access_log_has_one_line_per_request(start_gateway, upstream, 
     assert line["client_ip"] == "127.0.0.1" and line["time"].endswith("Z")
 
 
+@pytest.mark.parametrize("timestamp", [0.5, 1700000000.0, 1700000000.9995, 1700000000.123999, 1764424898.9999996, 4102444799.999])
+def test_log_times_are_utc_iso_with_milliseconds_as_datetime_writes_them(timestamp: float) -> None:
+    """Log lines' times: the date and time of day are formatted once per second, the same text as datetime's."""
+    from datetime import datetime, timezone
+
+    from gateway.access_log import _iso
+
+    expected = datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert _iso(timestamp - 1) and _iso(timestamp) == expected  # after another second was memoised
+
+
 async def test_an_upstream_that_dies_mid_body_leaves_the_client_a_truncated_response(start_gateway, upstream, client):
     async def dies(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()  # chunked: only the final chunk says the body is whole
