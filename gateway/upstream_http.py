@@ -216,7 +216,8 @@ class Connection(asyncio.Protocol):
         self.response = None
         body_task, self.body_task = self.body_task, None
         if body_task is not None and not body_task.done():
-            reusable = False  # the upstream answered before taking the whole body
+            body_task.cancel()  # the upstream answered before taking the whole body
+            reusable = False
         reusable = reusable and self.keep_alive and not self.lost and not self.head_only
         self.parser = None
         if not reusable:
@@ -251,7 +252,7 @@ class Connection(asyncio.Protocol):
             self.close()
         except httptools.HttpParserError:
             if self.head_only and self.response is not None:
-                return  # _on_head_only stopped the parser after a HEAD's head, as meant
+                return  # on_headers_complete stopped the parser after a HEAD's head, as meant
             self._fail(Dropped("the upstream's answer is not valid HTTP/1.1"))
             self.close()
             return
