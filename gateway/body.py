@@ -11,7 +11,6 @@ again once, with its new Content-Length, before it is forwarded.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -19,10 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
-import aiohttp
-
 from gateway.pipeline import Exchange, Reply, problem
-from gateway.proxy import CONTINUE
+from gateway.proxy import CONTINUE, ClientBodyError, next_chunk
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 STATE_KEY = "body"
@@ -130,25 +127,14 @@ async def read_body(exchange: Exchange, max_body: int, guards: JsonGuards, timeo
         await request.writer.write(CONTINUE)  # the policies want the body: ask for it
     chunks: list[bytes] = []
     size = 0
-    content = request.content
     try:
-        while True:
-            chunk = content.read_nowait()  # what came with the head needs no timer
-            if not chunk:
-                if content.at_eof():
-                    break
-                async with asyncio.timeout(timeout):  # listen.limits.body_timeout: between two reads
-                    chunk = await content.readany()
-            if not chunk:
-                break
+        while chunk := await next_chunk(request.content, timeout):
             size += len(chunk)
             if size > max_body:
                 return _too_large(exchange, max_body)
             chunks.append(chunk)
-    except TimeoutError:
-        return problem(exchange, 408, "the request body was not received in time")
-    except (aiohttp.http_exceptions.HttpProcessingError, aiohttp.web_protocol.RequestPayloadError):
-        return problem(exchange, 400, "the request body is malformed")
+    except ClientBodyError as exc:
+        return problem(exchange, exc.status, exc.detail)
     exchange.bytes_in = size
     raw = b"".join(chunks)
     kind_of = media_type(exchange)

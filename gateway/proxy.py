@@ -68,21 +68,32 @@ class RequestBody:
         request = self.request
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(CONTINUE)
-        content = request.content
         while True:
             try:
-                async with asyncio.timeout(self.timeout):
-                    chunk = await content.readany()
-            except TimeoutError:
-                self.error = ClientBodyError(408, "the request body was not received in time")
-                raise self.error from None
-            except (aiohttp.http_exceptions.HttpProcessingError, aiohttp.web_protocol.RequestPayloadError):
-                self.error = ClientBodyError(400, "the request body is malformed")
-                raise self.error from None
+                chunk = await next_chunk(request.content, self.timeout)
+            except ClientBodyError as exc:
+                self.error = exc
+                raise
             if not chunk:
                 return
             self.exchange.bytes_in += len(chunk)
             yield chunk
+
+
+async def next_chunk(content: aiohttp.StreamReader, timeout: float) -> bytes:
+    """The next part of the client's body, b"" at its end. What already arrived (usually all of a
+    small body, with the head) is taken without a timer; otherwise the wait is bounded by
+    ``timeout`` (listen.limits.body_timeout). ClientBodyError when too slow (408) or malformed (400)."""
+    try:
+        chunk = content.read_nowait()
+        if chunk or content.at_eof():
+            return chunk
+        async with asyncio.timeout(timeout):
+            return await content.readany()
+    except TimeoutError:
+        raise ClientBodyError(408, "the request body was not received in time") from None
+    except (aiohttp.http_exceptions.HttpProcessingError, aiohttp.web_protocol.RequestPayloadError):
+        raise ClientBodyError(400, "the request body is malformed") from None
 
 
 class Target:

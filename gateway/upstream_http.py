@@ -88,8 +88,6 @@ class Response:
         if connection is not None:
             connection.finished(reusable=self.complete and not self._buffer)
 
-    close = release  # an unread body makes release() close the connection
-
     # -- fed by the connection ------------------------------------------------------------------
 
     def _take(self) -> bytes:

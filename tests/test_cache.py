@@ -115,6 +115,13 @@ def stale_on_arrival(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {"Cache-Control": "max-age=60", "Date": http_date(time.time() - 120), **(extra or {})}
 
 
+async def stale_v1_answering_304(request: web.Request) -> web.Response:
+    """An upstream whose "body v1" (ETag "v1") is stale on arrival; a revalidation gets a 304."""
+    if request.headers.get("If-None-Match") == '"v1"':
+        return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60"})
+    return web.Response(text="body v1", headers=stale_on_arrival({"ETag": '"v1"'}))
+
+
 def redis_keys(server: RedisServer, pattern: str) -> list[str]:
     lines = server.command("KEYS", pattern).decode().split("\r\n")
     return [line for line in lines[1:] if line and not line.startswith("$")]
@@ -553,12 +560,7 @@ async def test_a_background_refresh_never_stores_an_upstream_error(upstream, sta
 
 
 async def test_a_background_refresh_never_stores_the_304_of_the_clients_conditional_request(upstream, start_gateway, client) -> None:
-    async def handler(request: web.Request) -> web.Response:
-        if request.headers.get("If-None-Match") == '"v1"':
-            return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60"})
-        return web.Response(text="body v1", headers=stale_on_arrival({"ETag": '"v1"'}))
-
-    upstream.handler = handler
+    upstream.handler = stale_v1_answering_304
     gateway = await start_gateway(cached(upstream.url, stale_while_revalidate="10m"))
     await fetch(client, gateway.url + "/")
     conditional = await fetch(client, gateway.url + "/", {"If-None-Match": '"v1"'})
@@ -629,12 +631,7 @@ async def test_a_head_is_answered_from_a_stored_get_with_its_content_length_and_
 
 
 async def test_an_unconditional_head_on_a_stale_entry_gets_a_200_and_refreshes_the_entry(upstream, start_gateway, client) -> None:
-    async def handler(request: web.Request) -> web.Response:
-        if request.headers.get("If-None-Match") == '"v1"':
-            return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "max-age=60"})
-        return web.Response(text="body v1", headers=stale_on_arrival({"ETag": '"v1"'}))
-
-    upstream.handler = handler
+    upstream.handler = stale_v1_answering_304
     gateway = await start_gateway(cached(upstream.url))
     await fetch(client, gateway.url + "/")
     head = await fetch(client, gateway.url + "/", method="HEAD")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,3 +212,15 @@ async def _until(condition, timeout: float = 15.0) -> None:
             pass
         await asyncio.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def test_workers_auto_counts_the_cores_the_process_may_run_on() -> None:
+    """workers: auto under taskset (or a cpuset) starts one worker per allowed core, not per core of the machine."""
+    probe = (
+        "import os, sys; from types import SimpleNamespace; from gateway.server import worker_count; "
+        "os.sched_setaffinity(0, set(map(int, sys.argv[1].split(',')))); print(worker_count(SimpleNamespace(workers='auto')))"
+    )
+    cores = sorted(os.sched_getaffinity(0))
+    for allowed in (cores[:1], cores):
+        out = subprocess.run([sys.executable, "-c", probe, ",".join(map(str, allowed))], capture_output=True, text=True, check=True)
+        assert int(out.stdout) == len(allowed)

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import pytest
 
 from gateway.config import Redis
+from gateway.errors import DependencyUnavailable
 from gateway.stores import Hit, MemoryStore, Outcome, Store
 from gateway.stores.algorithms import keys_for
 from gateway.stores.redis import RedisStore
@@ -466,3 +467,20 @@ async def test_redis_decisions_made_together_share_one_connection_and_each_gets_
     assert sorted(o[0].remaining for o in outcomes if o[0].allowed) == list(range(20))  # 20 admitted, each its own count
     assert sum(not o[0].allowed for o in outcomes) == 10
     assert clients <= 2  # one pipeline on one connection (and this INFO's own), not 30 connections
+
+
+async def test_a_decision_cut_off_by_the_timeout_leaves_no_late_reply_for_the_next_one(redis_server: RedisServer) -> None:
+    """A decision that timed out drops its connection: Redis's late reply never answers another decision."""
+    # Redis sleeps 1.6 s. The first decision (sent at 0.1 s) times out at 1.1 s; the second is sent
+    # at once, while Redis still sleeps, and is answered at 1.6 s, well within its own second. On the
+    # first one's connection (one per pool here) it would have read the first one's late reply.
+    store = RedisStore(Redis(url=redis_server.url, timeout=1.0, key_prefix="test:", pool_size=1))
+    await store.client.flushdb()
+    sleeping = asyncio.create_task(asyncio.to_thread(redis_server.command, "DEBUG", "SLEEP", "1.6"))
+    await asyncio.sleep(0.1)
+    with pytest.raises(DependencyUnavailable):
+        await store.hit([limit("fixed_window", "first", 10, 60_000)], NOW_MS)
+    [outcome] = await store.hit([limit("fixed_window", "second", 5, 60_000)], NOW_MS)
+    await sleeping
+    await store.close()
+    assert (outcome.allowed, outcome.remaining) == (True, 4)  # its own count, not the first decision's (9)

@@ -289,7 +289,9 @@ class RedisStore(Store):
         """Commands written to one pooled connection in one write; their replies in order, an
         error reply as its exception. redis-py's pipeline cost several times the round trip in
         Python (command objects, retries, observability hooks), and its scripts in a pipeline
-        send SCRIPT EXISTS before each one."""
+        send SCRIPT EXISTS before each one. A send or read that fails or is cancelled (the timeout)
+        disconnects the connection itself (redis-py's own rule), so no late reply is left on it
+        for its next user."""
         pool = self.client.connection_pool
         connection = await pool.get_connection()
         try:
@@ -300,10 +302,6 @@ class RedisStore(Store):
                     replies.append(await connection.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
-        except BaseException:
-            # Replies left unread would answer this connection's next user: drop it.
-            await connection.disconnect(nowait=True)
-            raise
         finally:
             await pool.release(connection)
         return replies
