@@ -30,7 +30,9 @@ Per run: req/s, p50/p99 latency, statuses, CPU µs per request and busy share of
 processes (/proc), their memory (RSS), Redis commands and round trips per request (INFO before
 and after), and requests that reached the upstream. The table gives medians with min–max over
 the rounds and the gateway's ratios to direct, nginx and node (cache: to nginx's hit and to the
-proxied route) within each round. Every run goes to
+proxied route) within each round, and to nginx proxy_pass (the passthrough profile's nginx row of
+the same round: the unit the benchmarks issue sets its targets in; run passthrough with nginx to
+get it). A ratio over its target is listed under findings. Every run goes to
 benchmarks/results/profiles-<timestamp>.json, the chart to the .png beside it (needs matplotlib).
 """
 
@@ -600,8 +602,12 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         for run in measured:
             if run["profile"] == key:
                 by_round.setdefault(run["round"], {})[run["target"]] = run
-        for row, other in P.PROFILES[key].ratios:
-            pairs = [(r[row], r[other]) for r in by_round.values() if row in r and other in r]
+        comparisons = [(row, other, [(r[row], r[other]) for r in by_round.values() if row in r and other in r]) for row, other in P.PROFILES[key].ratios]
+        if key != "passthrough":
+            proxy_pass = {run["round"]: run for run in measured if run["profile"] == "passthrough" and run["target"] == "nginx"}
+            for row in ("gateway", *P.PROFILES[key].gateway_rows):
+                comparisons.append((row, P.PROXY_PASS, [(r[row], proxy_pass[n]) for n, r in by_round.items() if row in r and n in proxy_pass]))
+        for row, other, pairs in comparisons:
             rps = [ours["rps"] / theirs["rps"] for ours, theirs in pairs if theirs["rps"]]
             cpu = [
                 ours["cpu_us_per_request"] / theirs["cpu_us_per_request"]
@@ -666,7 +672,11 @@ def check(report: dict[str, Any]) -> list[str]:
             if key == "flood" and trips > 0.01:
                 findings.append(f"{name}: {trips:.3f} Redis round trips per request (a remembered denial should cost none); {cmds:.3f} commands")
     for key in report["profiles"]:
-        for name, bound in P.PROFILES[key].cpu_bounds.items():
+        p = P.PROFILES[key]
+        bounds = dict(p.cpu_bounds)
+        if p.proxy_pass_bound is not None:
+            bounds["gateway/nginx" if key == "passthrough" else f"gateway/{P.PROXY_PASS}"] = p.proxy_pass_bound
+        for name, bound in bounds.items():
             cpu = report["summary"]["ratios"].get(key, {}).get(name, {}).get("cpu_us_per_request", {})
             if cpu.get("median", 0) > bound:
                 findings.append(f"{key} {name}: CPU µs/req {cpu['median']:.2f}x {fmt_range(cpu, '.2f')} over the bound of {bound:g}x")

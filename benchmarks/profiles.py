@@ -56,6 +56,9 @@ POST_ECHO = '{"ok":true,"len":"$content_length"}'  # nginx's answer to a POST: w
 UPSTREAM_STATUS = "/upstream-status"  # the upstream's request counter (nginx: stub_status)
 CACHE_TTL = "1h"
 RATIOS = (("gateway", "direct"), ("gateway", "nginx"), ("gateway", "node"))  # (row, over row), per round
+# The benchmarks issue states its targets in one unit: the gateway's CPU per request over nginx
+# proxy_pass's (the passthrough profile's nginx row) in the same round, whatever the profile.
+PROXY_PASS = "nginx proxy_pass"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Profile:
     cached: frozenset[str] = frozenset()  # rows whose measured requests must never reach the upstream
     ratios: tuple[tuple[str, str], ...] = RATIOS
     cpu_bounds: dict[str, float] = field(default_factory=dict)  # "row/other" → the most its CPU µs/req ratio may be
+    proxy_pass_bound: float | None = None  # the issue's target for "gateway/nginx proxy_pass" (CPU µs/req)
 
 
 PROFILES: dict[str, Profile] = {
@@ -84,6 +88,7 @@ PROFILES: dict[str, Profile] = {
                 "nginx": "proxy_pass, keepalive",
                 "node": "http-proxy-middleware",
             },
+            proxy_pass_bound=6.0,
         ),
         Profile(
             "api", "GET 1 KB with a real API route's policies", "GET", "/api/items", frozenset({"200"}),
@@ -93,6 +98,7 @@ PROFILES: dict[str, Profile] = {
                 "nginx": "helmet+CDN hdrs, 2 limit_req (shm), access log; NO JWT",
                 "node": "helmet, jose RS256 JWKS (no token cache), 2 RedisStore limits, prom-client, log",
             },
+            proxy_pass_bound=10.0,
         ),
         Profile(
             "post", "POST 4 KB JSON, sanitize + validate", "POST", "/api/users", frozenset({"200"}),
@@ -102,6 +108,7 @@ PROFILES: dict[str, Profile] = {
                 "nginx": "proxy_pass only: NO body checks",
                 "node": "express.json, sanitize-html, validator",
             },
+            proxy_pass_bound=12.0,
         ),
         Profile(
             "flood", f"GET flood, one client over {FLOOD_LIMIT}/min", "GET", "/api/flood", frozenset({"200", "429"}),
@@ -111,6 +118,7 @@ PROFILES: dict[str, Profile] = {
                 "nginx": f"limit_req {FLOOD_LIMIT}r/m burst={FLOOD_LIMIT - 1} (shm)",
                 "node": f"express-rate-limit {FLOOD_LIMIT}/min, RedisStore",
             },
+            proxy_pass_bound=3.0,
         ),
         Profile(
             "cache", "GET 1 KB cache hit", "GET", "/cached", frozenset({"200"}),
@@ -128,8 +136,10 @@ PROFILES: dict[str, Profile] = {
                 ("gateway", "nginx"), ("gateway", "gateway-proxied"), ("gateway", "direct"),
                 ("gateway-memory", "nginx"), ("gateway-memory", "gateway-proxied"),
             ),
-            # The benchmarks issue: a hit costs at most 3x nginx's CPU; and a hit should cost less than proxying.
-            cpu_bounds={"gateway/nginx": 3.0, "gateway-memory/nginx": 3.0, "gateway/gateway-proxied": 1.0, "gateway-memory/gateway-proxied": 1.0},
+            # The benchmarks issue: a hit costs at most 3x nginx proxy_pass's CPU; a hit should cost
+            # less than proxying; nginx's own hit (proxy_cache) is shown beside, a stricter measure.
+            cpu_bounds={"gateway/gateway-proxied": 1.0, "gateway-memory/gateway-proxied": 1.0},
+            proxy_pass_bound=3.0,
         ),
     )
 }
