@@ -4,7 +4,8 @@
 - ``freshness_lifetime``: for how long is it fresh (§4.2.1): s-maxage, then max-age, then Expires
   minus Date, then the route's ttl (or, for heuristically cacheable statuses with Last-Modified,
   10% of its age, §4.2.2).
-- ``current_age``: the Age a stored response has now (§4.2.3).
+- ``current_age``: the Age a stored response has now (§4.2.3); ``corrected_initial_age``, its
+  part fixed when the response was received.
 
 Directives are parsed leniently (what upstreams send), case-insensitively, keeping arguments.
 """
@@ -134,10 +135,14 @@ def freshness(headers: Mapping[str, str], response_cc: Mapping[str, str | None],
 
 def current_age(headers: Mapping[str, str], request_time: float, response_time: float, now: float) -> float:
     """RFC 9111 §4.2.3: the corrected initial age plus the time resident in the cache."""
+    return corrected_initial_age(headers, request_time, response_time) + (now - response_time)
+
+
+def corrected_initial_age(headers: Mapping[str, str], request_time: float, response_time: float) -> float:
+    """RFC 9111 §4.2.3: the age a response had when it was received (fixed once stored)."""
     age_value = _seconds((headers.get("Age") or "").split(",")[0].strip()) or 0.0  # §5.1: the first of a list
     date_value = _date(headers.get("Date")) or response_time
     apparent_age = max(0.0, response_time - date_value)
     response_delay = response_time - request_time
     corrected_age_value = age_value + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
-    return corrected_initial_age + (now - response_time)
+    return max(apparent_age, corrected_age_value)

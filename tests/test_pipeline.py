@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from gateway.errors import DependencyUnavailable
+from hypothesis import given, settings, strategies as st
+
+from gateway.errors import PROBLEM_BASE, DependencyUnavailable, problem_body
 from gateway.pipeline import Exchange, Policy, Reply, problem
 from gateway.settings import Settings
 from tests.conftest import assert_problem, base_config
@@ -173,3 +176,23 @@ async def test_an_unexpected_exception_is_a_500_problem_and_its_traceback_stays_
     assert record.exc_info and "secret internal detail" in str(record.exc_info[1])
     assert record.request_id == "boom-1"
     assert upstream.requests == []
+
+
+@settings(max_examples=300, derandomize=True)
+@given(
+    status=st.sampled_from([400, 401, 403, 404, 405, 413, 429, 502, 503]),
+    detail=st.text(),
+    request_id=st.text(),
+    extra=st.none() | st.dictionaries(st.sampled_from(["allowed", "errors", "request_id", "status"]), st.text()),
+)
+def test_a_problem_body_is_the_json_of_its_fields_in_order(status: int, detail: str, request_id: str, extra: dict[str, str] | None) -> None:
+    # The body of a problem without extra members is put together from a remembered head and
+    # the request id: it must stay byte for byte what json.dumps writes for the same document.
+    document = json.loads(problem_body(status, detail, request_id, extra))
+    assert list(document)[:5] == ["type", "title", "status", "detail", "request_id"]
+    assert document == {
+        "type": document["type"], "title": document["title"], "status": status, "detail": detail, "request_id": request_id, **(extra or {}),
+    }
+    assert document["type"].startswith(PROBLEM_BASE)
+    expected = json.dumps(document, separators=(",", ":")).encode()
+    assert problem_body(status, detail, request_id, extra) == expected

@@ -48,7 +48,7 @@ from multidict import CIMultiDict
 from pydantic import Field
 
 from gateway.errors import DependencyUnavailable
-from gateway.freshness import NO_STALE, current_age, directives, freshness, storable, surrogate_directives
+from gateway.freshness import NO_STALE, corrected_initial_age, directives, freshness, storable, surrogate_directives
 from gateway.metrics import UNMATCHED
 from gateway.pipeline import Exchange, Policy, PolicyContext, Reply
 from gateway.routing import BadPath, normalise_path, request_host
@@ -108,6 +108,7 @@ class Entry:
     lifetime: float
     public: bool
     revalidate: bool = False  # §4.2.4: never served stale (must-revalidate, proxy-revalidate, s-maxage, no-cache)
+    _initial_age: float | None = field(default=None, init=False, repr=False, compare=False)
 
     def encode(self) -> bytes:
         body, compressed = self.body, False
@@ -130,7 +131,11 @@ class Entry:
         return cls(meta["s"], [tuple(h) for h in meta["h"]], body, meta["q"], meta["r"], meta["l"], meta["p"], meta.get("m", False))  # type: ignore[misc]
 
     def age(self, now: float) -> float:
-        return current_age(dict(self.headers), self.request_time, self.response_time, now)
+        """RFC 9111 §4.2.3's current_age. Its initial part is worked out once per decoded entry
+        (the local layer keeps decoded entries: parsing Date on every hit was a tenth of one)."""
+        if self._initial_age is None:
+            self._initial_age = corrected_initial_age(dict(self.headers), self.request_time, self.response_time)
+        return self._initial_age + (now - self.response_time)
 
     def header(self, name: str) -> str | None:
         lower = name.lower()
@@ -278,6 +283,7 @@ class CachePolicy(Policy):
         self.key_query = frozenset(settings.key_query) if settings.key_query is not None else None
         self.wall = time.time
         self.metrics = context.metrics
+        self._counters: dict[str, Any] = {}  # result → its cache_requests child
         self.index = f"c:{{{self.route}}}:index"  # purge's index of the route's entries
         # The Host is part of the key only where the answer can depend on it: routes that match
         # on the host, or whose upstream receives the client's Host (preserve_host).
@@ -768,7 +774,10 @@ class CachePolicy(Policy):
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
-            self.metrics.cache_requests.labels(route=self.route, result=result).inc()
+            counter = self._counters.get(result)
+            if counter is None:
+                counter = self._counters[result] = self.metrics.cache_requests.labels(route=self.route, result=result)
+            counter.inc()
 
     def on_response(self, exchange: Exchange, reply: Reply) -> None:
         lookup: Lookup | None = exchange.state.get("cache")
