@@ -365,6 +365,13 @@ async def send(request: web.BaseRequest, reply: "Reply", exchange: "Exchange") -
     if upstream is None:
         exchange.bytes_out = len(reply.body)
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
+    if upstream.complete:
+        # The whole body came with the head (most small answers): it goes out with the head in
+        # one write. (aiohttp keeps the Content-Length given, a HEAD's too, and writes no body
+        # for HEAD, 204 or 304.)
+        body = upstream.body()
+        exchange.bytes_out = len(body)
+        return web.Response(status=reply.status, reason=upstream.reason, headers=reply.headers, body=body)
     response = web.StreamResponse(status=reply.status, reason=upstream.reason, headers=reply.headers)
     await response.prepare(request)
     try:

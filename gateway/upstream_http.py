@@ -78,6 +78,11 @@ class Response:
             else:
                 await self._wait()
 
+    def body(self) -> bytes:
+        """The whole body, once ``complete``."""
+        assert self.complete and self._error is None
+        return self._take() if self._buffer else b""
+
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.chunks()]
         return b"".join(parts)

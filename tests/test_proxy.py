@@ -460,3 +460,69 @@ async def test_readiness_follows_the_configured_rule_when_an_upstream_is_down(st
         body = await resp.json()
         assert resp.status == status and body["status"] == state
         assert body["checks"]["upstreams"]["api"]["status"] == "down"
+
+
+RAW_ANSWERS = {
+    # path → what the upstream writes, in one write (the whole answer arrives with its head)
+    "/small": b"HTTP/1.1 203 Fine Thanks\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\nhello",
+    "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n",
+    "/empty": b"HTTP/1.1 204 No Content\r\nX-Kept: yes\r\n\r\n",
+    "/not-modified": b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n',
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "reason", "body", "length"),
+    [
+        pytest.param("GET", "/small", 203, "Fine Thanks", b"hello", "5", id="a small answer keeps its status line and headers"),
+        pytest.param("GET", "/chunked", 200, "OK", b"hello", None, id="a chunked answer arrives whole"),
+        pytest.param("HEAD", "/small", 203, "Fine Thanks", b"", "1234", id="HEAD keeps the upstream's Content-Length"),
+        pytest.param("GET", "/empty", 204, "No Content", b"", None, id="204 has no body and no length"),
+        pytest.param("GET", "/not-modified", 304, "Not Modified", b"", None, id="304 has no body"),
+    ],
+)
+async def test_an_answer_that_came_whole_goes_to_the_client_as_the_upstream_gave_it(start_gateway, method, path, status, reason, body, length):
+    # Small answers that arrive with their head are written to the client together with the head;
+    # streamed or not, the client must see the same status line, headers and body.
+    connections: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        asked_method, asked_path = head.split(b" ")[:2]
+        raw = RAW_ANSWERS[asked_path.decode()]
+        if asked_method == b"HEAD":
+            raw = raw.replace(b"Content-Length: 5", b"Content-Length: 1234").rpartition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+        writer.write(raw)
+        await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway(base_config(f"http://127.0.0.1:{port}"))
+        raw = await raw_request(gw.port, f"{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+        status_line = raw.partition(b"\r\n")[0].decode()
+        got_status, headers, got_body = parse_raw_response(raw)
+        if headers.get("transfer-encoding") == "chunked":
+            got_body = dechunk(got_body)
+        assert status_line == f"HTTP/1.1 {status} {reason}"
+        assert (got_status, got_body) == (status, body)
+        if length is not None:
+            assert headers.get("content-length") == length
+        if status in (204, 304):
+            assert "content-length" not in headers and "transfer-encoding" not in headers
+        if b"X-Kept" in RAW_ANSWERS[path]:
+            assert headers["x-kept"] == "yes"
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+
+
+def dechunk(data: bytes) -> bytes:
+    body = b""
+    while True:
+        size, _, data = data.partition(b"\r\n")
+        if int(size, 16) == 0:
+            return body
+        body, data = body + data[: int(size, 16)], data[int(size, 16) + 2 :]
