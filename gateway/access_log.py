@@ -3,7 +3,8 @@
 Two streams share stdout: the application log (logger "gateway" and its children, through a
 QueueHandler so a slow terminal or pipe never blocks the loop) and the access log, one line per
 request. The access log skips the logging module altogether: the request path only puts a tuple
-on a queue, and a writer thread formats and writes the lines.
+on a queue, and a writer thread formats and writes the lines, gathered for up to BATCH_INTERVAL
+(a line reaches stdout at most about 20 ms after its request ended).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ ACCESS_FIELDS = (
     "upstream_ms",  # until the upstream's response head (retries included)
     "trace_id",  # W3C trace id: the client's traceparent, or one the gateway started
 )
+BATCH_INTERVAL = 0.02  # seconds the access-log writer gathers lines before the next write
 # LogRecord attributes that are not extra fields.
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -177,6 +179,9 @@ class AccessLog:
                     pass  # stdout closed: nothing sensible is left to do with the line
             if item is None:
                 return
+            # Lines are written in batches: under load one wake-up per interval, not one per
+            # request (each wake-up cost the event loop a handoff of the GIL and futex calls).
+            time.sleep(BATCH_INTERVAL)
 
     def close(self) -> None:
         """Write what is queued, then stop the writer."""
