@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -309,8 +310,7 @@ class CachePolicy(Policy):
         parts += [request.headers.get(name, "") for name in self.key_headers]
         if "user" in self.settings.key:
             parts.append(exchange.subject or "")
-        digest = hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        return f"c:{{{self.route}}}:{digest}"
+        return _entry_key(self.route, "\n".join(parts))
 
     @staticmethod
     def _variant(key: str, vary: list[str], headers: Any, generation: str = "") -> str:
@@ -832,11 +832,19 @@ def _length(status: int, response: Any) -> int | None:
     return response.content_length if response is not None else None
 
 
+@functools.lru_cache(maxsize=8192)
+def _entry_key(route: str, text: str) -> str:
+    """The store key of a route's URI, host and keyed headers (the digest of the many hits of
+    one URI is worked out once)."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return f"c:{{{route}}}:{digest}"
+
+
 def _not_modified(request_headers: Any, entry: Entry) -> bool:
     """RFC 9110 §13.1.1/§13.1.3: whether a conditional GET is answered 304 by this entry."""
-    etag = entry.header("ETag")
     if_none_match = request_headers.get("If-None-Match")
     if if_none_match is not None:
+        etag = entry.header("ETag")
         if not etag:
             return False
         wanted = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
