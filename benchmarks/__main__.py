@@ -79,6 +79,7 @@ from benchmarks.common import (
     run_load,
     say,
     spread,
+    statuses_text,
     tear_down,
     tree_cpu_seconds,
     version,
@@ -99,10 +100,6 @@ def request(method: str, url: str, headers: dict[str, str] | None = None, body: 
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
-
-
-def statuses_text(statuses: dict[str, int]) -> str:
-    return " ".join(f"{code}:{count}" for code, count in statuses.items()) or "-"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -452,6 +453,71 @@ def tear_down(previous_term: Any, processes: "Processes | None", scratch: Path, 
         say(f"kept {scratch}")
     else:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fmt_ms(us: float) -> str:
+    return f"{us / 1000:.2f}"
+
+
+def statuses_text(statuses: dict[str, int]) -> str:
+    return " ".join(f"{code}:{count}" for code, count in statuses.items()) or "-"
+
+
+def log_findings(name: str, text: str, load_ends: list[float]) -> list[str]:
+    """Gateway log records worth a look (warnings, errors, Redis, circuit or fallback notes),
+    grouped by level, message and exception; those within a second of the end of a load run (when
+    the load tool closes its connections with requests in flight) are counted apart."""
+    groups: dict[str, list[int]] = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = {"level": "?", "message": line}
+        level = str(record.get("level", "?"))
+        message = str(record.get("message", ""))
+        lowered = line.lower()
+        if level not in ("warning", "error", "critical") and not any(word in lowered for word in ("circuit", "fallback", "on_failure", "redis", "traceback")):
+            continue
+        head, _, trace = message.partition("\n")
+        exception = trace.strip().splitlines()[-1] if trace.strip() else ""
+        at_end = 0
+        try:
+            when = datetime.fromisoformat(str(record["time"]).replace("Z", "+00:00")).timestamp()
+            at_end = int(any(abs(when - end) <= 1.0 for end in load_ends))
+        except (KeyError, ValueError):
+            pass
+        extra = {k: v for k, v in record.items() if k not in ("time", "level", "logger", "message", "request_id")}
+        key = (f"{level} {head!r}" + (f" ({exception})" if exception else "") + (f" {json.dumps(extra)}" if extra and not exception else ""))
+        counts = groups.setdefault(key, [0, 0])
+        counts[0] += 1
+        counts[1] += at_end
+    return [
+        f"gateway-{name} log: {total}x {what}" + (f" — {at_end} of them as a load run ended" if at_end else "")
+        for what, (total, at_end) in groups.items()
+    ]
+
+
+def machine() -> dict[str, Any]:
+    """The machine the runs took place on."""
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem_total = None
+    try:
+        mem_total = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")), None)
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "affinity_cores": len(os.sched_getaffinity(0)),
+        "memory_bytes": mem_total,
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "loadavg_start": Path("/proc/loadavg").read_text().strip(),
+    }
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

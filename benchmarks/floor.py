@@ -55,11 +55,13 @@ from benchmarks.common import (
     cpu_plan,
     elapsed,
     findings_lines,
+    fmt_ms,
     free_port,
     get,
     interrupt,
     load_options,
     load_tool,
+    machine,
     new_report,
     nginx_errors,
     payload,
@@ -67,13 +69,12 @@ from benchmarks.common import (
     run_load,
     say,
     spread,
+    statuses_text,
     tear_down,
     tree_cpu_seconds,
     version,
     wait_for_port,
 )
-from benchmarks.ratelimit import fmt_ms, statuses_text
-from benchmarks.workers import machine
 
 PATH = P.PROFILES["passthrough"].path  # the reference config's plain proxy_pass location
 ROWS = {

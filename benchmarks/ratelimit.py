@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,17 +44,20 @@ from benchmarks.common import (
     cpu_plan,
     cpu_seconds,
     findings_lines,
+    fmt_ms,
     free_port,
     get,
     interrupt,
     load_benchmark_main,
     load_tool,
+    log_findings,
     new_report,
     nginx_errors,
     run_load,
     say,
     spread,
     start_upstream,
+    statuses_text,
     tear_down,
     version,
     wait_for_port,
@@ -128,48 +130,6 @@ def pin(pid: int, cores: Sequence[int] | None) -> None:
         pass
     for each in pids:
         subprocess.run(["taskset", "-a", "-p", "-c", ",".join(map(str, cores)), str(each)], capture_output=True, check=False)
-
-
-def log_findings(name: str, text: str, load_ends: list[float]) -> list[str]:
-    """Gateway log records worth a look (warnings, errors, Redis, circuit or fallback notes),
-    grouped by level, message and exception; those within a second of the end of a load run (when
-    the load tool closes its connections with requests in flight) are counted apart."""
-    groups: dict[str, list[int]] = {}
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = {"level": "?", "message": line}
-        level = str(record.get("level", "?"))
-        message = str(record.get("message", ""))
-        lowered = line.lower()
-        if level not in ("warning", "error", "critical") and not any(word in lowered for word in ("circuit", "fallback", "on_failure", "redis", "traceback")):
-            continue
-        head, _, trace = message.partition("\n")
-        exception = trace.strip().splitlines()[-1] if trace.strip() else ""
-        at_end = 0
-        try:
-            when = datetime.fromisoformat(str(record["time"]).replace("Z", "+00:00")).timestamp()
-            at_end = int(any(abs(when - end) <= 1.0 for end in load_ends))
-        except (KeyError, ValueError):
-            pass
-        extra = {k: v for k, v in record.items() if k not in ("time", "level", "logger", "message", "request_id")}
-        key = (f"{level} {head!r}" + (f" ({exception})" if exception else "") + (f" {json.dumps(extra)}" if extra and not exception else ""))
-        counts = groups.setdefault(key, [0, 0])
-        counts[0] += 1
-        counts[1] += at_end
-    return [
-        f"gateway-{name} log: {total}x {what}" + (f" — {at_end} of them as a load run ended" if at_end else "")
-        for what, (total, at_end) in groups.items()
-    ]
-
-
-def fmt_ms(us: float) -> str:
-    return f"{us / 1000:.2f}"
-
-
-def statuses_text(statuses: dict[str, int]) -> str:
-    return " ".join(f"{code}:{count}" for code, count in statuses.items()) or "-"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

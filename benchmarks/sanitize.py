@@ -52,6 +52,7 @@ from benchmarks.common import (
     cpu_plan,
     cpu_seconds,
     findings_lines,
+    fmt_ms,
     free_port,
     interrupt,
     load_benchmark_main,
@@ -61,6 +62,7 @@ from benchmarks.common import (
     run_load,
     say,
     spread,
+    statuses_text,
     tear_down,
     wait_for_port,
 )
@@ -519,14 +521,6 @@ def engine_micro(body_bytes: dict[str, bytes], budget: float = 0.15) -> dict[str
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-
-
-def fmt_ms(us: float) -> str:
-    return f"{us / 1000:.2f}"
-
-
-def statuses_text(statuses: dict[str, int]) -> str:
-    return " ".join(f"{code}:{count}" for code, count in statuses.items()) or "-"
 
 
 def log_findings(name: str, text: str) -> list[str]:

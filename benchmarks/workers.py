@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -59,11 +58,14 @@ from benchmarks.common import (
     cpu_plan,
     elapsed,
     findings_lines,
+    fmt_ms,
     free_port,
     get,
     interrupt,
     load_options,
     load_tool,
+    log_findings,
+    machine,
     memory,
     new_report,
     nginx_errors,
@@ -72,12 +74,12 @@ from benchmarks.common import (
     run_load,
     say,
     spread,
+    statuses_text,
     tear_down,
     tree_cpu_seconds,
     version,
     wait_for_port,
 )
-from benchmarks.ratelimit import fmt_ms, log_findings, statuses_text
 
 PROFILE = "passthrough"
 BASELINE = "1"  # the configuration every other is compared with, round by round
@@ -114,29 +116,6 @@ def worker_count(value: str) -> int:
 
 def label(value: str) -> str:
     return f"workers: auto ({worker_count(value)})" if value == "auto" else f"workers: {value}"
-
-
-def machine() -> dict[str, Any]:
-    """The machine the runs took place on."""
-    model = ""
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
-    except OSError:
-        pass
-    mem_total = None
-    try:
-        mem_total = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")), None)
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "affinity_cores": len(os.sched_getaffinity(0)),
-        "memory_bytes": mem_total,
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "loadavg_start": Path("/proc/loadavg").read_text().strip(),
-    }
 
 
 def pss_bytes(pid: int) -> int | None:
