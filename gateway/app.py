@@ -193,7 +193,7 @@ class Gateway:
         metrics.redis_up.set(1)
         for state in ("open", "half_open", "closed"):  # series from the start: rate() sees the first
             metrics.redis_circuit_transitions.labels(state=state)
-        store.on_call = lambda command, seconds: metrics.redis_duration.labels(command=command).observe(seconds)
+        store.on_call = metrics.redis_called
 
         def transition(state: str) -> None:
             metrics.redis_circuit_transitions.labels(state=state).inc()

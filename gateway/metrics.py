@@ -87,6 +87,7 @@ class Metrics:
         # metrics are looked up once per label set (all bounded, see above) and kept.
         self._answered: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
         self._upstream: dict[tuple[str, str, str], Any] = {}
+        self._redis: dict[str, Any] = {}
 
     def answered(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
         """One request answered: its duration and body sizes."""
@@ -109,6 +110,13 @@ class Metrics:
         child = self._upstream.get(key)
         if child is None:
             child = self._upstream[key] = self.upstream_duration.labels(upstream=upstream, target=target, status_code=outcome)
+        child.observe(seconds)
+
+    def redis_called(self, command: str, seconds: float) -> None:
+        """One Redis call (or pipeline of decisions), as the gateway saw it."""
+        child = self._redis.get(command)
+        if child is None:
+            child = self._redis[command] = self.redis_duration.labels(command=command)
         child.observe(seconds)
 
     def exposition(self) -> bytes:
