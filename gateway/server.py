@@ -7,6 +7,9 @@ SIGHUP to them and replaces a worker that dies. Signals:
 - SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to
   ``listen.limits.drain_timeout``, close the pools, exit 0.
 - SIGHUP: reload the config file; a bad file is logged and the running config stays.
+
+A worker starts with these signals blocked and unblocks them once its event loop handles them,
+so a signal sent while it starts waits instead of ending it.
 """
 
 from __future__ import annotations
@@ -298,6 +301,9 @@ async def serve(path: str, config: GatewayConfig, reuse_port: bool = False) -> N
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload)
+        # A forked worker starts with these signals blocked (see Supervisor._spawn): one sent
+        # while it was starting waited, and is handled now, instead of ending the worker.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         log.info(
             "gateway listening",
             extra={name: f"{host}:{port}" for name, (host, port) in listeners.addresses.items()} | {"pid": os.getpid()},
@@ -387,8 +393,7 @@ class Supervisor:
 
     def _spawn(self) -> None:
         pid = self.fork()
-        if pid == 0:  # the worker
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        if pid == 0:  # the worker: the supervisor's signals stay blocked until serve() handles them
             code = 0
             try:
                 uvloop.run(serve(self.path, self.config, reuse_port=True))

@@ -149,6 +149,37 @@ async def test_workers_share_the_port_and_all_reload(gateway_process, upstream_f
     assert await asyncio.to_thread(gw.wait, 20) == 0
 
 
+async def test_a_worker_signalled_while_it_starts_keeps_running_and_handles_the_signal(gateway_process, upstream_factory):
+    # A SIGHUP that reached a worker before its event loop handled signals (a reload just after
+    # a start or a respawn) ended it (the default action), and the supervisor replaced it.
+    first, second = await upstream_factory(), await upstream_factory()
+    config = base_config(first.url)
+    config["workers"] = 2
+    gw = gateway_process(config)
+    await _until(lambda: len(children(gw.process.pid)) == 2)
+    workers = children(gw.process.pid)
+    config["upstreams"]["api"]["targets"] = [second.url]
+    gw.write_config(config)
+
+    def signal_the_replacement_as_soon_as_it_exists() -> int:
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            new = [pid for pid in children(gw.process.pid) if pid not in workers]
+            if new:
+                os.kill(new[0], signal.SIGHUP)  # it has only just been forked
+                return new[0]
+        raise AssertionError("no worker replaced the killed one")
+
+    replacement = await asyncio.to_thread(signal_the_replacement_as_soon_as_it_exists)
+    await _until(lambda: replacement in {r.get("pid") for r in gw.log_records() if "config reloaded" in r.get("message", "")})
+    assert sorted(children(gw.process.pid)) == sorted([replacement, workers[1]]), gw.log()[-3000:]
+    exits = [r for r in gw.log_records() if r.get("message") == "worker exited; starting another"]
+    assert [r["pid"] for r in exits] == [workers[0]], gw.log()[-3000:]
+    gw.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(gw.wait, 20) == 0
+
+
 async def test_a_large_upload_and_download_stream_with_constant_memory(gateway_process, upstream, client):
     size = 1024**3  # 1 GiB each way
     chunk = b"x" * (256 * 1024)
