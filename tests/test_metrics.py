@@ -85,6 +85,21 @@ async def test_policy_metrics_count_rate_limit_decisions_and_auth_failures(upstr
     assert value(samples, "auth_failures_total", route="all", reason="malformed") == 1
 
 
+async def test_cache_metrics_count_hits_misses_and_bypasses_with_every_series_there_from_the_start(upstream, start_gateway, client) -> None:
+    config = base_config(upstream.url)
+    config["routes"][0]["cache"] = {"ttl": "1m"}
+    gateway = await start_gateway(config)
+    text, samples = await scrape(client, gateway.admin_url)
+    for result in ("hit", "stale", "miss", "bypass"):  # the hit ratio is defined before the first request
+        assert ("cache_requests_total", (("result", result), ("route", "all"))) in samples, text
+    for headers in ({}, {}, {}, {"Cache-Control": "no-store"}):
+        async with client.get(gateway.url + "/products", headers=headers) as response:
+            await response.read()
+    _, samples = await scrape(client, gateway.admin_url)
+    counts = {result: value(samples, "cache_requests_total", route="all", result=result) for result in ("hit", "stale", "miss", "bypass")}
+    assert counts == {"hit": 2, "stale": 0, "miss": 1, "bypass": 1}
+
+
 async def test_redis_metrics_follow_redis_going_down(upstream, start_gateway, client, redis_server) -> None:
     config = base_config(upstream.url)
     config["routes"][0]["rate_limit"] = [{"key": "ip", "limit": 100, "window": "1m"}]

@@ -64,6 +64,7 @@ NOT_STORED_HEADERS = frozenset({"set-cookie", "age", "cache-status", "x-request-
 # A 304 does not change what describes the stored bytes (RFC 9111 §3.2; the ETag it matched).
 KEEP_ON_UPDATE = frozenset({"content-length", "content-encoding", "content-range", "content-md5", "etag"})
 CACHE_NAME = "gateway"  # the cache's name in Cache-Status (RFC 9211 §2)
+RESULTS = ("hit", "stale", "miss", "bypass")  # cache_requests' result label
 CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
 ERROR_STATUSES = frozenset({500, 502, 503, 504})  # RFC 5861 §4: errors stale-if-error covers
 SEP = "\x00"  # between the parts of an index member (never in a normalised path, a query or a tag)
@@ -283,8 +284,9 @@ class CachePolicy(Policy):
         self.key_headers = tuple(settings.key_headers)
         self.key_query = frozenset(settings.key_query) if settings.key_query is not None else None
         self.wall = time.time
-        self.metrics = context.metrics
-        self._counters: dict[str, Any] = {}  # result → its cache_requests child
+        # result → its cache_requests child: looked up once here, every series there from the start.
+        metrics = context.metrics
+        self.counters = {result: metrics.cache_requests.labels(route=self.route, result=result) for result in RESULTS} if metrics else {}
         self.index = f"c:{{{self.route}}}:index"  # purge's index of the route's entries
         # The Host is part of the key only where the answer can depend on it: routes that match
         # on the host, or whose upstream receives the client's Host (preserve_host).
@@ -773,11 +775,8 @@ class CachePolicy(Policy):
             lookup.flight = None
 
     def _count(self, result: str) -> None:
-        if self.metrics is not None:
-            counter = self._counters.get(result)
-            if counter is None:
-                counter = self._counters[result] = self.metrics.cache_requests.labels(route=self.route, result=result)
-            counter.inc()
+        if self.counters:
+            self.counters[result].inc()
 
     def on_response(self, exchange: Exchange, reply: Reply) -> None:
         lookup: Lookup | None = exchange.state.get("cache")
@@ -786,7 +785,7 @@ class CachePolicy(Policy):
             # handle it, and says so (CONFIG.md: every response on a cached route has one).
             reply.headers["Cache-Status"] = f"{CACHE_NAME}; fwd=bypass"
             return
-        if "hit" not in lookup.status and self.metrics is not None:
+        if "hit" not in lookup.status:
             self._count("bypass" if "fwd=bypass" in lookup.status else "miss")
         reply.headers["Cache-Status"] = "; ".join([CACHE_NAME, *lookup.status])
 
