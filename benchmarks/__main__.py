@@ -80,6 +80,7 @@ from benchmarks.common import (
     say,
     spread,
     statuses_text,
+    summed_counts,
     tear_down,
     tree_cpu_seconds,
     version,
@@ -567,10 +568,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             if not mine:
                 continue
             requests = sum(run["requests"] for run in mine)
-            statuses: dict[str, int] = {}
-            for run in mine:
-                for code, count in run["statuses"].items():
-                    statuses[code] = statuses.get(code, 0) + count
+            statuses = summed_counts(run["statuses"] for run in mine)
             cells[f"{key}/{target}"] = {
                 "profile": key, "target": target, "runs": len(mine), "requests": requests,
                 "rps": spread([run["rps"] for run in mine]),
@@ -588,10 +586,10 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
                 "redis_commands_per_request": sum(run["redis_total"] for run in mine) / requests if requests else None,
                 "redis_round_trips_per_request": sum(run["redis_round_trips"] for run in mine) / requests if requests else None,
                 "redis_evalsha_per_request": sum(run["redis_evalsha"] for run in mine) / requests if requests else None,
-                "redis_commands": _merge(run["redis_commands"] for run in mine),
+                "redis_commands": summed_counts(run["redis_commands"] for run in mine),
                 "upstream_requests": sum(run["upstream_requests"] for run in mine),
                 "statuses": dict(sorted(statuses.items())),
-                "statuses_all_runs": dict(sorted(_merge(run["statuses"] for run in every).items())),
+                "statuses_all_runs": dict(sorted(summed_counts(run["statuses"] for run in every).items())),
                 "socket_errors": {k: sum(run["errors"][k] for run in mine) for k in ("connect", "read", "write", "timeout")},
                 "max_latency_ms": max(run["latency_us"]["max"] for run in mine) / 1000,
             }
@@ -618,14 +616,6 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
                     "p99": {"per_round": p99, **spread(p99)},
                 }
     return {"cells": cells, "ratios": ratios}
-
-
-def _merge(dicts: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for each in dicts:
-        for k, v in each.items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def check(report: dict[str, Any]) -> list[str]:

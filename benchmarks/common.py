@@ -7,13 +7,14 @@ SIGKILL, so nothing outlives a run, also on Ctrl-C or an exception.
 Load comes from ``wrk`` when it is installed (with a small Lua script that also counts response
 statuses), else from a bundled asyncio/aiohttp generator run as its own process
 (``python -m benchmarks.common load URL SECONDS CONNECTIONS [SPEC.json]``, GETs or a rotation of
-requests with bodies), which reports the same fields but saturates far sooner than wrk. Without
-nginx, ``python -m benchmarks.common static PORT FILE`` serves one file with aiohttp as the upstream.
+requests with bodies), which reports the same fields but saturates far sooner than wrk. The
+upstream every runner starts is benchmarks/profiles.py ``start_upstream``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = "/usr/sbin/nginx"
@@ -219,79 +220,6 @@ def payload(size: int = 1024) -> bytes:
     return head + b"x" * (size - len(head) - len(tail)) + tail
 
 
-def nginx_config(scratch: Path, port: int, document: Path) -> Path:
-    """A config an unprivileged nginx can run: everything in ``scratch``, one worker."""
-    temp = scratch / "nginx-temp"
-    temp.mkdir(exist_ok=True)
-    text = f"""
-worker_processes 1;
-pid {scratch}/nginx.pid;
-error_log {scratch}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log {scratch}/nginx-access.log combined buffer=256k flush=5s;
-    client_body_temp_path {temp}/body;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-    keepalive_requests 10000000;
-    keepalive_timeout 75s;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            root {document.parent};
-            default_type application/json;
-            try_files /{document.name} =404;
-        }}
-    }}
-}}
-"""
-    path = scratch / "nginx.conf"
-    path.write_text(text)
-    return path
-
-
-def start_upstream(processes: Processes, scratch: Path, cores: Sequence[int] | None) -> tuple[str, int]:
-    """nginx serving a 1 KB JSON file when installed, else a small aiohttp server: (kind, port)."""
-    www = scratch / "www"
-    www.mkdir(exist_ok=True)
-    document = www / "payload.json"
-    document.write_bytes(payload())
-    # nginx started as root serves from workers running as nobody: they must be able to read it.
-    for path in (scratch, www, document):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    port = free_port()
-    if os.path.exists(NGINX):
-        config = nginx_config(scratch, port, document)
-        command = [NGINX, "-c", str(config), "-p", str(scratch), "-e", str(scratch / "nginx-error.log"), "-g", "daemon off;"]
-        process = processes.start("nginx", command, cores)
-        wait_for_port(port, process, processes, "nginx")
-        return "nginx", port
-    process = processes.start("upstream", [sys.executable, "-m", "benchmarks.common", "static", str(port), str(document)], cores, cwd=ROOT)
-    wait_for_port(port, process, processes, "upstream")
-    return "aiohttp", port
-
-
-def serve_static(port: int, document: str) -> None:
-    from aiohttp import web
-
-    body = Path(document).read_bytes()
-
-    async def handle(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
-
-
 # ---------------------------------------------------------------------------------------------
 # Load
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +391,7 @@ def statuses_text(statuses: dict[str, int]) -> str:
     return " ".join(f"{code}:{count}" for code, count in statuses.items()) or "-"
 
 
-def log_findings(name: str, text: str, load_ends: list[float]) -> list[str]:
+def log_findings(name: str, text: str, load_ends: Sequence[float] = ()) -> list[str]:
     """Gateway log records worth a look (warnings, errors, Redis, circuit or fallback notes),
     grouped by level, message and exception; those within a second of the end of a load run (when
     the load tool closes its connections with requests in flight) are counted apart."""
@@ -518,6 +446,14 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg_start": Path("/proc/loadavg").read_text().strip(),
     }
+
+
+def summed_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counts by key (statuses, Redis commands) added up over runs."""
+    total: collections.Counter[str] = collections.Counter()
+    for each in counts:
+        total.update(each)
+    return dict(total)
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -697,12 +633,10 @@ def redis_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "static":
-        serve_static(int(sys.argv[2]), sys.argv[3])
-    elif len(sys.argv) in (5, 6) and sys.argv[1] == "load":
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "load":
         aiohttp_load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) == 6 else None)
     else:
-        sys.exit("usage: python -m benchmarks.common static PORT FILE | load URL SECONDS CONNECTIONS [SPEC.json]")
+        sys.exit("usage: python -m benchmarks.common load URL SECONDS CONNECTIONS [SPEC.json]")
 
 
 # -- the command line and the results file, the same for every benchmark ------------------------

@@ -70,6 +70,7 @@ from benchmarks.common import (
     say,
     spread,
     statuses_text,
+    summed_counts,
     tear_down,
     tree_cpu_seconds,
     version,
@@ -317,10 +318,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         mine = [r for r in measured if r["row"] == row]
         if not mine:
             continue
-        statuses: dict[str, int] = {}
-        for r in mine:
-            for code, count in r["statuses"].items():
-                statuses[code] = statuses.get(code, 0) + count
+        statuses = summed_counts(r["statuses"] for r in mine)
         entry = {
             "label": label,
             "runs": len(mine),

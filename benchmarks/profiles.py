@@ -380,7 +380,8 @@ def start_upstream(processes: Any, scratch: Path, cores: list[int] | None, repor
     www.mkdir()
     document = www / "payload.json"
     document.write_bytes(payload(1024))
-    for path in (www, document):
+    # nginx started as root serves from workers running as nobody: they must be able to read it.
+    for path in (scratch, www, document):
         path.chmod(0o755 if path.is_dir() else 0o644)
     port = free_port()
     if nginx and Path(NGINX).exists():

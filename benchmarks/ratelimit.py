@@ -3,7 +3,7 @@
     python -m benchmarks.ratelimit [--seconds 6] [--rounds 3] [--connections 32] [--warmup 2]
 
 Everything runs on loopback and is started (and stopped) here: a redis-server on a free port,
-nginx serving a 1 KB JSON file (a small aiohttp server without nginx) and three gateways
+nginx serving a 1 KB JSON file (benchmarks/profiles.py start_upstream) and three gateways
 (``python -m gateway run``), all on the same route:
 
     (a) no policies;
@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import redis
 
+from benchmarks import profiles as P
 from benchmarks.common import (
     ROOT,
     Processes,
@@ -56,8 +57,8 @@ from benchmarks.common import (
     run_load,
     say,
     spread,
-    start_upstream,
     statuses_text,
+    summed_counts,
     tear_down,
     version,
     wait_for_port,
@@ -148,9 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wait_for_port(redis_port, redis_server, processes, "redis")
         client = redis.Redis(port=redis_port, socket_timeout=5)
         client.ping()
-        upstream_kind, upstream_port = start_upstream(processes, scratch, load_cores)
-        upstream = processes.running[-1][1]
-        report["environment"]["upstream"] = upstream_kind
+        upstream, upstream_port, upstream_kind = P.start_upstream(processes, scratch, load_cores, report)
         say(f"redis on :{redis_port}, {upstream_kind} on :{upstream_port}")
 
         urls = {"upstream": f"http://127.0.0.1:{upstream_port}{PATH}"}
@@ -238,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             load_ends = [run["ended"] for run in report["runs"]]
             report["findings"] += log_findings(name, processes.log_text(f"gateway-{name}"), load_ends)
             report.setdefault("gateway_logs", {})[name] = processes.log_text(f"gateway-{name}")[-5000:]
-        report["findings"] += nginx_errors(scratch / "nginx-error.log")
+        report["findings"] += nginx_errors(scratch / "nginx-upstream-error.log")
     finally:
         tear_down(previous_term, processes, scratch, args.keep, report["findings"])
     report["summary"] = summarise(report)
@@ -261,10 +260,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         evalsha = sum(run["redis_evalsha"] for run in mine)
         allowed = sum(run["allowed"] for run in mine)
         denied = sum(run["denied"] for run in mine)
-        statuses: dict[str, int] = {}
-        for run in mine:
-            for code, count in run["statuses"].items():
-                statuses[code] = statuses.get(code, 0) + count
+        statuses = summed_counts(run["statuses"] for run in mine)
         summary[name] = {
             "label": LABELS[name],
             "runs": len(mine),

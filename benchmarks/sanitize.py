@@ -57,12 +57,14 @@ from benchmarks.common import (
     interrupt,
     load_benchmark_main,
     load_tool,
+    log_findings,
     new_report,
     nginx_errors,
     run_load,
     say,
     spread,
     statuses_text,
+    summed_counts,
     tear_down,
     wait_for_port,
 )
@@ -523,25 +525,6 @@ def engine_micro(body_bytes: dict[str, bytes], budget: float = 0.15) -> dict[str
 # ---------------------------------------------------------------------------------------------
 
 
-def log_findings(name: str, text: str) -> list[str]:
-    """Gateway log records worth a look (warnings, errors, tracebacks), grouped by level and message."""
-    groups: dict[str, int] = {}
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = {"level": "?", "message": line}
-        level = str(record.get("level", "?"))
-        if level not in ("warning", "error", "critical") and "traceback" not in line.lower():
-            continue
-        message = str(record.get("message", ""))
-        head, _, trace = message.partition("\n")
-        exception = trace.strip().splitlines()[-1] if trace.strip() else ""
-        key = f"{level} {head[:200]!r}" + (f" ({exception[:200]})" if exception else "")
-        groups[key] = groups.get(key, 0) + 1
-    return [f"gateway-{name} log: {n}x {what}" for what, n in groups.items()]
-
-
 def expected_lengths(report: dict[str, Any]) -> dict[str, dict[str, str]]:
     """What nginx should echo as Content-Length, per gateway and body: the body as sent, or as rewritten."""
     sizes = {name: str(info["bytes"]) for name, info in report["share"]["bodies"].items()}
@@ -714,13 +697,8 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             mine = [run for run in runs if run["config"] == name and run["mix"] == mix]
             if not mine:
                 continue
-            statuses: dict[str, int] = {}
-            by_variant: dict[str, int] = {}
-            for run in mine:
-                for code, count in run["statuses"].items():
-                    statuses[code] = statuses.get(code, 0) + count
-                for variant, count in run["by_variant"].items():
-                    by_variant[variant] = by_variant.get(variant, 0) + count
+            statuses = summed_counts(run["statuses"] for run in mine)
+            by_variant = summed_counts(run["by_variant"] for run in mine)
             answered = sum(by_variant.values())
             rewritten = sum((run["rewritten_share"] or 0) * sum(run["by_variant"].values()) for run in mine)
             cells[f"{name}/{mix}"] = {

@@ -75,6 +75,7 @@ from benchmarks.common import (
     say,
     spread,
     statuses_text,
+    summed_counts,
     tear_down,
     tree_cpu_seconds,
     version,
@@ -345,10 +346,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         mine = [r for r in measured if r["configuration"] == value]
         if not mine:
             continue
-        statuses: dict[str, int] = {}
-        for r in mine:
-            for code, count in r["statuses"].items():
-                statuses[code] = statuses.get(code, 0) + count
+        statuses = summed_counts(r["statuses"] for r in mine)
         ratios = [r["ratio_to_1"] for r in mine if r.get("ratio_to_1")] if value != BASELINE else [1.0] * len(mine)
         base_cpu = {r["round"]: r["cpu_us_per_request"] for r in measured if r["configuration"] == BASELINE}
         cpu_ratios = [r["cpu_us_per_request"] / base_cpu[r["round"]] for r in mine if r["cpu_us_per_request"] and base_cpu.get(r["round"])]
