@@ -68,6 +68,7 @@ from benchmarks.common import (
     elapsed,
     free_port,
     interrupt,
+    load_environment,
     load_tool,
     memory,
     move_to_cores,
@@ -184,11 +185,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     processes = Processes(scratch)
     chosen = list(args.profiles)
     environment = {
-        "load_tool": load_tool(),
-        "load_tool_version": version(["wrk", "-v"]) if load_tool() == "wrk" else "bundled aiohttp generator",
-        "load_cores": load_cores,
+        **load_environment(load_cores),
         "server_cores": server_cores,
-        "taskset": bool(shutil.which("taskset")),
         "redis_server": version(["redis-server", "--version"]),
         "nginx": version([NGINX, "-v"]) if os.path.exists(NGINX) else None,
     }

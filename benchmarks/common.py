@@ -229,6 +229,17 @@ def load_tool() -> str:
     return "wrk" if os.path.exists(WRK) else "aiohttp"
 
 
+def load_environment(load_cores: Sequence[int] | None) -> dict[str, Any]:
+    """The load side of a report's environment: the tool, its version and the cores it ran on."""
+    return {
+        "load_tool": load_tool(),
+        "load_tool_version": version(["wrk", "-v"]) if load_tool() == "wrk" else "bundled aiohttp generator",
+        "load_threads": 1,  # run_load starts wrk with -t1
+        "load_cores": load_cores,
+        "taskset": bool(shutil.which("taskset")),
+    }
+
+
 def run_load(
     processes: Processes, url: str, seconds: float, connections: int, cores: Sequence[int] | None, name: str = "load",
     script: Path | None = None, spec: Path | None = None,

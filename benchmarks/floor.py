@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -59,6 +58,7 @@ from benchmarks.common import (
     free_port,
     get,
     interrupt,
+    load_environment,
     load_options,
     load_tool,
     machine,
@@ -211,12 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     environment = {
         **machine(),
-        "load_tool": load_tool(),
-        "load_tool_version": version(["wrk", "-v"]) if load_tool() == "wrk" else "bundled aiohttp generator",
-        "load_threads": 1,  # run_load starts wrk with -t1
-        "load_cores": load_cores,
+        **load_environment(load_cores),
         "server_cores": server_cores,
-        "taskset": bool(shutil.which("taskset")),
         "pinning": pinning,
         "nginx": version([NGINX, "-v"]),
         "aiohttp": aiohttp.__version__,

@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import signal
 import statistics
 import sys
@@ -62,6 +61,7 @@ from benchmarks.common import (
     free_port,
     get,
     interrupt,
+    load_environment,
     load_options,
     load_tool,
     log_findings,
@@ -203,12 +203,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     processes = Processes(scratch)
     environment = {
         **machine(),
-        "load_tool": load_tool(),
-        "load_tool_version": version(["wrk", "-v"]) if load_tool() == "wrk" else "bundled aiohttp generator",
-        "load_threads": 1,  # run_load starts wrk with -t1
-        "load_cores": load_cores,
+        **load_environment(load_cores),
         "gateway_cores": gateway_cores,
-        "taskset": bool(shutil.which("taskset")),
         "pinning": pinning,
         "nginx": version([NGINX, "-v"]) if os.path.exists(NGINX) else None,
         "auto_workers": worker_count("auto"),
