@@ -122,20 +122,30 @@ async def test_a_reload_waits_for_requests_on_the_old_config(gateway_process, up
     assert response.status == 200 and await response.text() == "old pool still open"
 
 
-async def test_workers_share_the_port_and_all_reload(gateway_process, upstream_factory, client):
+async def _two_workers_then_a_new_upstream_in_the_file(gateway_process, upstream_factory):
+    """A gateway with workers: 2 whose config file then names another upstream (not reloaded
+    yet): (gateway, its workers' pids, the new upstream)."""
     first, second = await upstream_factory(), await upstream_factory()
     config = base_config(first.url)
     config["workers"] = 2
     gw = gateway_process(config)
     await _until(lambda: len(children(gw.process.pid)) == 2)
     workers = children(gw.process.pid)
-
     config["upstreams"]["api"]["targets"] = [second.url]
     gw.write_config(config)
+    return gw, workers, second
+
+
+def _reloaded_pids(gw) -> set[int]:
+    return {r.get("pid") for r in gw.log_records() if "config reloaded" in r.get("message", "")}
+
+
+async def test_workers_share_the_port_and_all_reload(gateway_process, upstream_factory, client):
+    gw, workers, second = await _two_workers_then_a_new_upstream_in_the_file(gateway_process, upstream_factory)
     gw.signal(signal.SIGHUP)
     # Each worker logs its reload; wait for both (a worker that also got the SIGHUP from its
     # process group may log twice).
-    await _until(lambda: {r.get("pid") for r in gw.log_records() if "config reloaded" in r.get("message", "")} >= set(workers))
+    await _until(lambda: _reloaded_pids(gw) >= set(workers))
     for _ in range(20):
         async with aiohttp.ClientSession() as fresh:  # new connections, spread over both workers
             async with fresh.get(gw.url + "/x") as resp:
@@ -152,14 +162,7 @@ async def test_workers_share_the_port_and_all_reload(gateway_process, upstream_f
 async def test_a_worker_signalled_while_it_starts_keeps_running_and_handles_the_signal(gateway_process, upstream_factory):
     # A SIGHUP that reached a worker before its event loop handled signals (a reload just after
     # a start or a respawn) ended it (the default action), and the supervisor replaced it.
-    first, second = await upstream_factory(), await upstream_factory()
-    config = base_config(first.url)
-    config["workers"] = 2
-    gw = gateway_process(config)
-    await _until(lambda: len(children(gw.process.pid)) == 2)
-    workers = children(gw.process.pid)
-    config["upstreams"]["api"]["targets"] = [second.url]
-    gw.write_config(config)
+    gw, workers, _ = await _two_workers_then_a_new_upstream_in_the_file(gateway_process, upstream_factory)
 
     def signal_the_replacement_as_soon_as_it_exists() -> int:
         os.kill(workers[0], signal.SIGKILL)
@@ -172,7 +175,7 @@ async def test_a_worker_signalled_while_it_starts_keeps_running_and_handles_the_
         raise AssertionError("no worker replaced the killed one")
 
     replacement = await asyncio.to_thread(signal_the_replacement_as_soon_as_it_exists)
-    await _until(lambda: replacement in {r.get("pid") for r in gw.log_records() if "config reloaded" in r.get("message", "")})
+    await _until(lambda: replacement in _reloaded_pids(gw))
     assert sorted(children(gw.process.pid)) == sorted([replacement, workers[1]]), gw.log()[-3000:]
     exits = [r for r in gw.log_records() if r.get("message") == "worker exited; starting another"]
     assert [r["pid"] for r in exits] == [workers[0]], gw.log()[-3000:]
