@@ -81,6 +81,8 @@ async def test_policy_metrics_count_rate_limit_decisions_and_auth_failures(upstr
     _, samples = await scrape(client, gateway.admin_url)
     assert value(samples, "rate_limit_decisions_total", route="all", limit="ip-2-in-1min", decision="allowed") == 2
     assert value(samples, "rate_limit_decisions_total", route="all", limit="ip-2-in-1min", decision="denied") == 1
+    # Every decision's series is made with the policy, counted or not yet (rate() sees the first).
+    assert ("rate_limit_decisions_total", (("decision", "dry_run"), ("limit", "ip-2-in-1min"), ("route", "all"))) in samples
     assert value(samples, "auth_failures_total", route="all", reason="missing") == 1
     assert value(samples, "auth_failures_total", route="all", reason="malformed") == 1
 
